@@ -1,0 +1,201 @@
+"""The Gemma decoder (Gemma 1 and Gemma 2), as PaliGemma uses it.
+
+Read top to bottom, the pieces are (paligemma-spec.md §2.3-2.4):
+
+- RMSNorm with a `(1 + w)` gain: the stored weight `w` starts at zero, so a fresh norm is the
+  identity gain. Computed in float32 whatever the model dtype, because the mean of squares
+  over thousands of channels loses too much in bfloat16.
+- RoPE, the "half-split" form: the first half of each head's channels is rotated against the
+  second half (not interleaved pairs), with 0-based positions as big_vision uses.
+- Grouped-query attention: N query heads share K key/value heads, query head n reading KV head
+  n // (N / K). Queries are scaled by 1/sqrt(query_pre_attn_scalar) (head_dim, except 144 for
+  Gemma 2 27B). Gemma 2 soft-caps the attention logits: 50 * tanh(logits / 50).
+- GeGLU MLP: down(gelu_tanh(gate(x)) * up(x)).
+- The block: pre-norms before attention and MLP; Gemma 2 adds post-norms on their outputs.
+- The decoder: embeddings times sqrt(width) (text only: image tokens come in unscaled, see
+  paligemma.py), the blocks, a final norm, logits through the tied embedding, and for Gemma 2
+  an optional final soft-cap 30 * tanh(logits / 30).
+
+The decoder takes embeddings, not token ids, so that PaliGemma can put image tokens in front.
+A `KVCache` lets generation feed one token at a time without recomputing the past.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import TextConfig
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Squash x smoothly into (-cap, cap): cap * tanh(x / cap). None leaves x unchanged."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), computed in float32 and returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate x [B, heads, T, H] by its positions [B, T] (half-split RoPE, float32 angles).
+
+    Channel d of the first half and channel d of the second half form a 2-D vector that turns by
+    the angle position * base^(-2d/H). A query at position i and a key at position j then score
+    q.k as a function of i - j only: attention sees relative positions.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / x.shape[-1])  # [H/2]
+    angles = positions.float()[:, None, :, None] * inv_freq  # [B, 1, T, H/2]
+    sin, cos = angles.sin(), angles.cos()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]  # [B, heads, T, H/2] each
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [B, heads, T, H]
+    return rotated.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for `max_len` positions.
+
+    `length` counts the positions already written. A forward pass over T new tokens writes
+    positions [length, length + T) in every layer and attends to [0, length + T); the decoder
+    then advances `length` by T.
+    """
+
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        shape = (cfg.depth, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k, v [B, K, T, H]; return all keys and values so far [B, K, S, H]."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE and (Gemma 2) soft-capped logits. No biases."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.q_proj = nn.Linear(cfg.width, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x [B, T, D], positions [B, T], mask [B, T, S] (True = may attend) -> [B, T, D]."""
+        cfg = self.cfg
+        q = rearrange(self.q_proj(x), "b t (n h) -> b n t h", n=cfg.num_heads)  # [B, N, T, H]
+        k = rearrange(self.k_proj(x), "b t (k h) -> b k t h", k=cfg.num_kv_heads)  # [B, K, T, H]
+        v = rearrange(self.v_proj(x), "b t (k h) -> b k t h", k=cfg.num_kv_heads)  # [B, K, T, H]
+        q = apply_rope(q, positions, cfg.rope_base) * cfg.query_pre_attn_scalar**-0.5
+        k = apply_rope(k, positions, cfg.rope_base)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, K, S, H], the past included
+
+        # Query head n = kv * G + g uses KV head kv: group the N query heads as K groups of G.
+        q = rearrange(q, "b (k g) t h -> b k g t h", k=cfg.num_kv_heads)  # [B, K, G, T, H]
+        logits = torch.einsum("bkgth,bksh->bkgts", q, k).float()  # [B, K, G, T, S]
+        logits = softcap(logits, cfg.attn_softcap)
+        # A masked logit becomes the most negative float rather than -inf, so a query that may
+        # see nothing (a padding token) gets a harmless uniform average instead of NaN.
+        logits = logits.masked_fill(~mask[:, None, None], torch.finfo(logits.dtype).min)
+        probs = logits.softmax(dim=-1).to(v.dtype)  # [B, K, G, T, S]
+        out = torch.einsum("bkgts,bksh->bkgth", probs, v)  # [B, K, G, T, H]
+        return self.o_proj(rearrange(out, "b k g t h -> b t (k g h)"))  # [B, T, D]
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.width, cfg.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm attention and MLP, each with a residual add; Gemma 2 also post-norms both."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        post_norm = (lambda: RMSNorm(cfg.width, cfg.norm_eps)) if cfg.post_norms else nn.Identity
+        self.pre_attention_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.post_attention_norm = post_norm()
+        self.pre_ffw_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.post_ffw_norm = post_norm()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, mask, cache))
+        return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+
+
+class Gemma(nn.Module):
+    """The decoder: embeddings in, final-normed hidden states out; `logits` reads them out."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.depth))
+        self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] to embeddings [B, T, D], times sqrt(width) as Gemma was trained.
+
+        The constant is rounded to the weight dtype first, as big_vision and transformers do
+        (sqrt(2304) = 48 is exact in bfloat16; sqrt(2048) is not).
+        """
+        scale = torch.tensor(math.sqrt(self.config.width), dtype=self.embed.weight.dtype)
+        return self.embed(input_ids) * scale  # [B, T, D]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                local_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Embeddings x [B, T, D] at positions [B, T] -> final-normed hidden states [B, T, D].
+
+        mask [B, T, S] says which keys each query may see (S = T without a cache, the cached
+        length plus T with one). local_mask, the same with the sliding window applied, is
+        needed only when the config sets a window; Gemma 2's even layers then use it.
+        """
+        if self.config.sliding_window is not None and local_mask is None:
+            raise ValueError("this config sets a sliding window: pass local_mask for the local layers")
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, local_mask if self.config.is_local_layer(i) else mask, cache)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, D] to vocabulary logits [B, T, V] through the tied embedding."""
+        logits = hidden @ self.embed.weight.T  # [B, T, V]
+        return softcap(logits, self.config.final_softcap)

@@ -1,0 +1,92 @@
+"""The SigLIP image encoder (a ViT), as PaliGemma uses it.
+
+An image becomes a sequence of tokens in four steps (paligemma-spec.md §2.2):
+
+1. A 14x14 convolution with stride 14 cuts the image into patches and embeds each one
+   (224 px -> a 16x16 grid -> 256 tokens, read row by row).
+2. A learned position embedding is added to each token (no class token).
+3. Transformer blocks, pre-LayerNorm: x += Attention(LN(x)); x += MLP(LN(x)), the MLP with the
+   tanh approximation of GELU, the attention ordinary multi-head attention with biases.
+4. A final LayerNorm over every token. PaliGemma uses no pooling head: all tokens go on to the
+   language model.
+
+Module names follow the roles in the paper and big_vision; checkpoint.py maps the official key
+names onto them.
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import VisionConfig
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with biases; every token sees every token."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, heads, N, hd]
+        k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, heads, N, hd]
+        v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, heads, N, hd]
+        # Softmax(q.k / sqrt(head_dim)) v; PyTorch's fused kernel computes exactly this.
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, hd]
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, D]
+
+
+class MLP(nn.Module):
+    """Two dense layers with the tanh-approximated GELU between them."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class EncoderBlock(nn.Module):
+    """One pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SigLIPEncoder(nn.Module):
+    """Images [B, 3, H, W] in [-1, 1] to tokens [B, num_patches, width]."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches, cfg.width))
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if pixel_values.shape[-3:] != (3, size, size):
+            raise ValueError(f"expected images of shape [B, 3, {size}, {size}], got {list(pixel_values.shape)}")
+        x = self.patch_embed(pixel_values.to(self.pos_embed.dtype))  # [B, D, grid, grid]
+        x = rearrange(x, "b d gh gw -> b (gh gw) d")  # [B, N, D], row-major patches
+        x = x + self.pos_embed  # [B, N, D]
+        for block in self.blocks:
+            x = block(x)  # [B, N, D]
+        return self.norm(x)  # [B, N, D]
