@@ -21,6 +21,6 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "transformers>=5", "nbmake", "matplotlib"],
+        "test": ["pytest", "hypothesis", "transformers>=5", "protobuf", "nbmake", "matplotlib"],
     },
 )
