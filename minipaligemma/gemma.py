@@ -60,7 +60,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.T
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / x.shape[-1])  # [H/2]
     angles = positions.float()[:, None, :, None] * inv_freq  # [B, 1, T, H/2]
     sin, cos = angles.sin(), angles.cos()
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]  # [B, heads, T, H/2] each
+    x1, x2 = x.float().split(half, dim=-1)  # [B, heads, T, H/2] each
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [B, heads, T, H]
     return rotated.to(x.dtype)
 
@@ -68,26 +68,46 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.T
 class KVCache:
     """Keys and values of every layer, allocated once for `max_len` positions.
 
-    `length` counts the positions already written. A forward pass over T new tokens writes
-    positions [length, length + T) in every layer and attends to [0, length + T); the decoder
-    then advances `length` by T.
+    `length` counts the slots already written. A forward pass over T new tokens writes slots
+    [length, length + T) in every layer and attends to [0, length + T); the decoder then
+    advances `length` by T.
+
+    Beside each stored key the cache keeps what a later query needs to build its mask: the
+    key's block step (cumsum of mask_ar, see paligemma.py), whether it is a real token, and
+    its position. `record` writes those for the new slots.
     """
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (cfg.depth, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
+        self.steps = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, max_len]
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
         self.length = 0
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v [B, K, T, H]; return all keys and values so far [B, K, S, H]."""
-        end = self.length + k.shape[2]
+    def _end(self, new: int) -> int:
+        end = self.length + new
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        return end
+
+    def record(self, steps: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor):
+        """Note the new tokens' steps, validity and positions [B, T]; return those of every
+        stored key so far, [B, S] each (S = length + T)."""
+        end = self._end(steps.shape[1])
+        self.steps[:, self.length:end] = steps
+        self.valid[:, self.length:end] = valid
+        self.positions[:, self.length:end] = positions
+        return self.steps[:, :end], self.valid[:, :end], self.positions[:, :end]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k, v [B, K, T, H]; return all keys and values so far [B, K, S, H]."""
+        end = self._end(k.shape[2])
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

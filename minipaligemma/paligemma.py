@@ -25,32 +25,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PaliGemmaConfig
-from .gemma import Gemma
+from .gemma import Gemma, KVCache
 from .siglip import SigLIPEncoder
 
 
-def make_attn_mask(mask_ar: torch.Tensor, mask_input: torch.Tensor) -> torch.Tensor:
-    """The prefix-LM mask [B, S, S] (True = query may attend key) from mask_ar, mask_input [B, S].
+def block_mask(q_steps: torch.Tensor, q_valid: torch.Tensor, k_steps: torch.Tensor,
+               k_valid: torch.Tensor) -> torch.Tensor:
+    """big_vision's rule for queries [B, T] against keys [B, S] -> mask [B, T, S].
 
-    big_vision's rule: with c = cumsum(mask_ar), query i sees key j iff c[j] <= c[i] and both
-    are real tokens (mask_input = 1).
+    A query sees a key iff the key's step (cumsum of mask_ar) is not later than the query's
+    and both are real tokens. True = may attend.
     """
-    steps = torch.cumsum(mask_ar.long(), dim=1)  # [B, S]
-    causal_blocks = steps[:, None, :] <= steps[:, :, None]  # [B, S(query), S(key)]
-    valid = mask_input.bool()
-    return causal_blocks & valid[:, None, :] & valid[:, :, None]  # [B, S, S]
+    visible = k_steps[:, None, :] <= q_steps[:, :, None]  # [B, T, S]
+    return visible & k_valid[:, None, :] & q_valid[:, :, None]
 
 
-def sliding_window_mask(mask: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
-    """Restrict a square prefix-LM mask [B, S, S] to keys fewer than `window` positions back.
+def make_attn_mask(mask_ar: torch.Tensor, mask_input: torch.Tensor) -> torch.Tensor:
+    """The prefix-LM mask [B, S, S] of a whole sequence from mask_ar, mask_input [B, S].
+
+    With c = cumsum(mask_ar), query i sees key j iff c[j] <= c[i] and both are real tokens
+    (mask_input = 1).
+    """
+    steps, valid = torch.cumsum(mask_ar.long(), dim=1), mask_input.bool()  # [B, S] each
+    return block_mask(steps, valid, steps, valid)
+
+
+def sliding_window_mask(mask: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor,
+                        q_steps: torch.Tensor, k_steps: torch.Tensor, window: int) -> torch.Tensor:
+    """Restrict a prefix-LM mask [B, T, S] to keys fewer than `window` positions back.
 
     transformers' Gemma 2 does this in its local layers; big_vision does not (see config.py).
-    As in transformers, the bidirectional block is exempt: two tokens that see each other both
-    ways (mask and its transpose) keep seeing each other at any distance.
+    As in transformers, a bidirectional block is exempt: two tokens of the same step (which
+    see each other both ways) keep seeing each other at any distance.
     """
-    distance = positions[:, :, None] - positions[:, None, :]  # [B, S, S], query minus key
-    mutual = mask & mask.transpose(1, 2)  # [B, S, S], same bidirectional block
-    return mask & ((distance < window) | mutual)
+    near = q_positions[:, :, None] - k_positions[:, None, :] < window  # [B, T, S]
+    same_block = q_steps[:, :, None] == k_steps[:, None, :]  # [B, T, S]
+    return mask & (near | same_block)
 
 
 def prefix_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask_loss: torch.Tensor,
@@ -95,27 +105,41 @@ class PaliGemma(nn.Module):
         tokens = self.projector(self.vision(frames.flatten(0, 1)))  # [B * N, P, D]
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])  # [B, N * P, D]
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, mask_ar: torch.Tensor,
-                mask_input: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, mask_ar: torch.Tensor,
+                mask_input: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Text logits [B, T, V] for images and text ids [B, T] laid out as in the docstring above.
 
         mask_ar [B, T]: 0 = part of the bidirectional prefix block, 1 = a causal step.
         mask_input [B, T]: 1 = real token, 0 = padding (default: all real).
+        With a KVCache the tokens continue the sequence the cache already holds, and are
+        stored in it: the first call (prefill) passes the images, later calls (extend) pass
+        None and only the new text tokens.
         """
         if mask_input is None:
             mask_input = torch.ones_like(input_ids)
-        image = self.embed_image(pixel_values)  # [B, P, D], unscaled
-        text = self.llm.embed_tokens(input_ids)  # [B, T, D], times sqrt(D)
-        x = torch.cat([image.to(text.dtype), text], dim=1)  # [B, P + T, D]
+        x = self.llm.embed_tokens(input_ids)  # [B, T, D], times sqrt(D)
+        mask_ar, valid = mask_ar.long(), mask_input.bool()
+        num_image = 0
+        if pixel_values is not None:
+            image = self.embed_image(pixel_values)  # [B, P, D], unscaled
+            num_image = image.shape[1]
+            x = torch.cat([image.to(x.dtype), x], dim=1)  # [B, P + T, D]
+            mask_ar = torch.cat([mask_ar.new_zeros(x.shape[0], num_image), mask_ar], dim=1)  # [B, P + T]
+            valid = torch.cat([valid.new_ones(x.shape[0], num_image), valid], dim=1)  # [B, P + T]
 
-        num_image = image.shape[1]
-        image_flags = torch.ones(input_ids.shape[0], num_image, dtype=torch.long, device=input_ids.device)
-        full_ar = torch.cat([0 * image_flags, mask_ar.long()], dim=1)  # [B, P + T]
-        full_input = torch.cat([image_flags, mask_input.long()], dim=1)  # [B, P + T]
-        mask = make_attn_mask(full_ar, full_input)  # [B, P + T, P + T]
-        positions = (torch.cumsum(full_input, dim=1) - 1).clamp(min=0)  # [B, P + T], 0-based
+        # Block steps and 0-based positions (real tokens only), continuing the cached ones.
+        step0 = pos0 = 0
+        if cache is not None and cache.length > 0:
+            step0 = cache.steps[:, cache.length - 1:cache.length]  # [B, 1]
+            pos0 = cache.valid[:, :cache.length].sum(dim=1, keepdim=True)  # [B, 1]
+        steps = step0 + torch.cumsum(mask_ar, dim=1)  # [B, S_new]
+        positions = (pos0 + torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)  # [B, S_new]
+        keys = (steps, valid, positions) if cache is None else cache.record(steps, valid, positions)
+        k_steps, k_valid, k_positions = keys  # [B, S_all] each
 
+        mask = block_mask(steps, valid, k_steps, k_valid)  # [B, S_new, S_all]
         window = self.config.text.sliding_window
-        local_mask = None if window is None else sliding_window_mask(mask, positions, window)
-        hidden = self.llm(x, positions, mask, local_mask)  # [B, P + T, D]
+        local_mask = None if window is None else sliding_window_mask(
+            mask, positions, k_positions, steps, k_steps, window)
+        hidden = self.llm(x, positions, mask, local_mask, cache)  # [B, S_new, D]
         return self.llm.logits(hidden[:, num_image:])  # [B, T, V]
