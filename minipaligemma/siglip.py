@@ -69,6 +69,20 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Resize learned position embeddings [N, D] (a g x g grid) to grid_size x grid_size.
+
+    Used to run a checkpoint at another resolution (PaliGemma's stage 2 goes 224 -> 448 -> 896
+    px). Bilinear with corners aligned, as big_vision's `scipy.ndimage.zoom(order=1)` does.
+    """
+    old = int(round(pos_embed.shape[0] ** 0.5))
+    if old * old != pos_embed.shape[0]:
+        raise ValueError(f"{pos_embed.shape[0]} position embeddings do not form a square grid")
+    grid = rearrange(pos_embed.float(), "(gh gw) d -> 1 d gh gw", gh=old)  # [1, D, g, g]
+    grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bilinear", align_corners=True)
+    return rearrange(grid, "1 d gh gw -> (gh gw) d").to(pos_embed.dtype)  # [grid_size², D]
+
+
 class SigLIPEncoder(nn.Module):
     """Images [B, 3, H, W] in [-1, 1] to tokens [B, num_patches, width]."""
 
