@@ -37,7 +37,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def ours_from_hf(cfg, hf_model, cls=PaliGemma, dtype=torch.float32):
-    model = cls(cfg).eval()
+    """Our model holding transformers' weights. Built on the meta device (no wasted random
+    init), then every tensor is filled by the strict loader."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device="cpu").eval()
     load_hf_state_dict(model, hf_model.state_dict(), source="transformers model")
     return model.to(dtype)
 
