@@ -105,6 +105,12 @@ class KVCache:
         self.positions[:, self.length:end] = positions
         return self.steps[:, :end], self.valid[:, :end], self.positions[:, :end]
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` [B'] in that order (repeats allowed): beam search copies each
+        prompt's cache to its beams, then follows every surviving beam's parent."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]  # [L, B', K, max_len, H] each
+        self.steps, self.valid, self.positions = self.steps[rows], self.valid[rows], self.positions[rows]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v [B, K, T, H]; return all keys and values so far [B, K, S, H]."""
         end = self._end(k.shape[2])
@@ -187,6 +193,7 @@ class Gemma(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        nn.init.normal_(self.embed.weight, std=0.02)  # small, as the tied output reads it too (P1 §5.3)
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.depth))
         self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
 
