@@ -118,7 +118,8 @@ class PaliGemma(nn.Module):
         if mask_input is None:
             mask_input = torch.ones_like(input_ids)
         x = self.llm.embed_tokens(input_ids)  # [B, T, D], times sqrt(D)
-        mask_ar, valid = mask_ar.long(), mask_input.bool()
+        # Padding never starts a step (a left pad with mask_ar 1 would cut the image off the prompt).
+        mask_ar, valid = mask_ar.long() * mask_input.long(), mask_input.bool()
         num_image = 0
         if pixel_values is not None:
             image = self.embed_image(pixel_values)  # [B, P, D], unscaled
