@@ -92,7 +92,7 @@ class SigLIPEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches, cfg.width))
+        self.pos_embed = nn.Parameter(torch.randn(cfg.num_patches, cfg.width) * cfg.width**-0.5)  # big_vision's init
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
 
@@ -123,7 +123,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig, vocab_size: int, max_len: int, embed_dim: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, cfg.width)
-        self.pos_embed = nn.Parameter(torch.zeros(max_len, cfg.width))
+        self.pos_embed = nn.Parameter(torch.randn(max_len, cfg.width) * cfg.width**-0.5)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.width, embed_dim)
