@@ -290,35 +290,45 @@ def load_bigvision_params(model: PaliGemma, params: dict[str, torch.Tensor], sou
 # ---------------------------------------------------------------------------------------------
 # Configs: transformers' config.json <-> ours, and inference from shapes when there is none.
 
-def hf_config_dict(cfg: PaliGemmaConfig) -> dict:
-    """Our config as transformers' PaliGemmaConfig fields (what config.json holds).
+def hf_vision_config(v: VisionConfig) -> dict:
+    """Our image encoder as transformers' SiglipVisionConfig fields (no pooling head)."""
+    return dict(model_type="siglip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,
+                num_hidden_layers=v.depth, num_attention_heads=v.num_heads, patch_size=v.patch_size,
+                image_size=v.image_size, layer_norm_eps=v.norm_eps, hidden_act="gelu_pytorch_tanh",
+                vision_use_head=False)
+
+
+def hf_text_config(t: TextConfig) -> dict:
+    """Our decoder as transformers' GemmaConfig or Gemma2Config fields.
 
     Every Gemma 2 layer is written as a full-attention layer unless our config sets a window,
-    so transformers computes big_vision's function. The `<image>` placeholder id is 257152 for
-    the official 257216-row embedding, else the first id past the vocabulary.
+    so that transformers computes big_vision's function.
     """
-    v, t = cfg.vision, cfg.text
     text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=t.depth,
                 num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
                 rms_norm_eps=t.norm_eps, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                 max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": t.rope_base})
     if t.version == 1:
-        text.update(model_type="gemma", hidden_act="gelu_pytorch_tanh")
-    else:
-        window = t.sliding_window
-        text.update(model_type="gemma2", hidden_activation="gelu_pytorch_tanh",
-                    query_pre_attn_scalar=t.query_pre_attn_scalar, attn_logit_softcapping=t.attn_softcap,
-                    final_logit_softcapping=t.final_softcap, sliding_window=window or 8192,
-                    layer_types=[("sliding_attention" if window and i % 2 == 0 else "full_attention")
-                                 for i in range(t.depth)])
-    vision = dict(model_type="siglip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,
-                  num_hidden_layers=v.depth, num_attention_heads=v.num_heads, patch_size=v.patch_size,
-                  image_size=v.image_size, layer_norm_eps=v.norm_eps, hidden_act="gelu_pytorch_tanh",
-                  vision_use_head=False)
+        if t.query_pre_attn_scalar != t.head_dim:
+            raise ValueError("transformers' Gemma 1 scales queries by head_dim; this config does not")
+        return dict(text, model_type="gemma", hidden_act="gelu_pytorch_tanh")
+    window = t.sliding_window
+    return dict(text, model_type="gemma2", hidden_activation="gelu_pytorch_tanh",
+                query_pre_attn_scalar=t.query_pre_attn_scalar, attn_logit_softcapping=t.attn_softcap,
+                final_logit_softcapping=t.final_softcap, sliding_window=window or 8192,
+                layer_types=[("sliding_attention" if window and i % 2 == 0 else "full_attention")
+                             for i in range(t.depth)])
+
+
+def hf_config_dict(cfg: PaliGemmaConfig) -> dict:
+    """Our config as transformers' PaliGemmaConfig fields (what config.json holds). The
+    `<image>` placeholder id is 257152 for the official 257216-row embedding, else the first id
+    past the vocabulary."""
+    t = cfg.text
     image_token = OFFICIAL_BV_VOCAB if t.vocab_size == OFFICIAL_HF_VOCAB else t.vocab_size
     return dict(model_type="paligemma", architectures=["PaliGemmaForConditionalGeneration"],
-                vision_config=vision, text_config=text, projection_dim=t.width, hidden_size=t.width,
-                image_token_index=image_token, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+                vision_config=hf_vision_config(cfg.vision), text_config=hf_text_config(t), projection_dim=t.width,
+                hidden_size=t.width, image_token_index=image_token, pad_token_id=0, bos_token_id=2, eos_token_id=1)
 
 
 OFFICIAL_BV_VOCAB = 257152  # 256000 Gemma pieces + 1024 <loc> + 128 <seg>
@@ -521,7 +531,7 @@ def _empty_model(cfg: PaliGemmaConfig, dtype: torch.dtype) -> PaliGemma:
     return model.to_empty(device="cpu").to(dtype)
 
 
-def _read(path: Path) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+def read_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], dict | None]:
     """(format, tensors, config.json or None) of a checkpoint: an HF folder or file, or an .npz."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -546,7 +556,7 @@ def load(path, dtype: torch.dtype | None = None, device=None, config: PaliGemmaC
     None). Returns the model in eval mode.
     """
     path = Path(path)
-    fmt, tensors, config_json = _read(path)
+    fmt, tensors, config_json = read_checkpoint(path)
     if config is None:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         config = config_from_hf(shapes, config_json) if fmt == "hf" else config_from_bigvision(shapes)
@@ -557,13 +567,13 @@ def load(path, dtype: torch.dtype | None = None, device=None, config: PaliGemmaC
     else:
         load_bigvision_params(model, tensors, source=str(path))
     if image_size is not None and image_size != config.vision.image_size:
-        model = _at_resolution(model, image_size)
+        model = at_resolution(model, image_size)
     tokenizer_file = (path if path.is_dir() else path.parent) / "tokenizer.model"
     model.tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else None
     return model.to(device).eval()
 
 
-def _at_resolution(model: PaliGemma, image_size: int) -> PaliGemma:
+def at_resolution(model: PaliGemma, image_size: int) -> PaliGemma:
     """The same weights in a model for another image size, position embeddings resampled."""
     cfg = replace(model.config, vision=replace(model.config.vision, image_size=image_size))
     state = model.state_dict()

@@ -8,6 +8,8 @@ transformers is the independent oracle (reference-testing.md). Its traps, handle
   values, so a `w` versus `1 + w` mistake cannot hide;
 - Gemma 2 layers alternate sliding and full attention; with our window off, every layer is
   made a full-attention layer.
+The configs come from minipaligemma.checkpoint.hf_config_dict (the one convert() writes): a
+mistake there would make transformers compute another function, which the tests would catch.
 """
 
 import math
@@ -16,28 +18,9 @@ import torch
 
 transformers = __import__("pytest").importorskip("transformers")
 
+from minipaligemma import PaliGemma  # noqa: E402
+from minipaligemma.checkpoint import hf_config_dict, hf_text_config, hf_vision_config, load_hf_state_dict  # noqa: E402
 from minipaligemma.config import PaliGemmaConfig, TextConfig, VisionConfig  # noqa: E402
-
-
-def hf_vision_config(v: VisionConfig) -> dict:
-    return dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
-                num_attention_heads=v.num_heads, patch_size=v.patch_size, image_size=v.image_size,
-                layer_norm_eps=v.norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
-
-
-def hf_text_config(t: TextConfig) -> dict:
-    common = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim,
-                  num_hidden_layers=t.depth, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                  head_dim=t.head_dim, rms_norm_eps=t.norm_eps, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                  max_position_embeddings=8192)
-    if t.version == 1:
-        assert t.query_pre_attn_scalar == t.head_dim, "transformers' Gemma 1 scales queries by head_dim"
-        return dict(common, model_type="gemma", hidden_act="gelu_pytorch_tanh")
-    window = t.sliding_window
-    layer_types = [("sliding_attention" if window and i % 2 == 0 else "full_attention") for i in range(t.depth)]
-    return dict(common, model_type="gemma2", hidden_activation="gelu_pytorch_tanh",
-                query_pre_attn_scalar=t.query_pre_attn_scalar, attn_logit_softcapping=t.attn_softcap,
-                final_logit_softcapping=t.final_softcap, sliding_window=window or 8192, layer_types=layer_types)
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:
@@ -54,10 +37,7 @@ def hf_paligemma(cfg: PaliGemmaConfig, seed: int = 0):
 
     The image token id is the first id past our vocabulary, so both models share one vocabulary.
     """
-    hf_cfg = transformers.PaliGemmaConfig(
-        vision_config=hf_vision_config(cfg.vision), text_config=hf_text_config(cfg.text),
-        projection_dim=cfg.text.width, image_token_index=cfg.text.vocab_size)
-    model = transformers.PaliGemmaForConditionalGeneration(hf_cfg).eval()
+    model = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(**hf_config_dict(cfg))).eval()
     model.set_attn_implementation("eager")
     randomize_(model, seed)
     return model
@@ -77,7 +57,8 @@ def hf_gemma(t: TextConfig, seed: int = 0):
 
 def hf_siglip(v: VisionConfig, seed: int = 0):
     """A random transformers SiglipVisionModel."""
-    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**hf_vision_config(v))).eval()
+    fields = {k: val for k, val in hf_vision_config(v).items() if k != "model_type"}
+    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**fields)).eval()
     model.set_attn_implementation("eager")
     randomize_(model, seed)
     return model
@@ -96,3 +77,13 @@ def hf_inputs(cfg: PaliGemmaConfig, input_ids, mask_ar, mask_input, num_frames: 
     return dict(input_ids=torch.cat([image, input_ids], 1),
                 attention_mask=torch.cat([ones, mask_input.long()], 1),
                 token_type_ids=torch.cat([0 * ones, mask_ar.long()], 1))
+
+
+def ours_from_hf(cfg, hf_model, cls=PaliGemma, dtype=torch.float32):
+    """Our model holding transformers' weights. Built on the meta device (no wasted random
+    init), then every tensor is filled by the strict loader."""
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device="cpu").eval()
+    load_hf_state_dict(model, hf_model.state_dict(), source="transformers model")
+    return model.to(dtype)

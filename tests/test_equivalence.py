@@ -11,9 +11,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hf_reference import hf_gemma, hf_inputs, hf_paligemma, hf_siglip
+from hf_reference import hf_gemma, hf_inputs, hf_paligemma, hf_siglip, ours_from_hf
 from minipaligemma import Gemma, PaliGemma, SigLIPEncoder, get_config, make_attn_mask, prefix_lm_loss
-from minipaligemma.checkpoint import load_hf_state_dict
 from minipaligemma.compare import compare_layers, paligemma_hf_layer_pairs
 
 
@@ -34,16 +33,6 @@ def padded_batch(vocab_size: int, seed: int = 0):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def ours_from_hf(cfg, hf_model, cls=PaliGemma, dtype=torch.float32):
-    """Our model holding transformers' weights. Built on the meta device (no wasted random
-    init), then every tensor is filled by the strict loader."""
-    with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to_empty(device="cpu").eval()
-    load_hf_state_dict(model, hf_model.state_dict(), source="transformers model")
-    return model.to(dtype)
 
 
 def run_paligemma_pair(cfg, seed=0, num_frames=1, dtype=torch.float32):

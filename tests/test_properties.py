@@ -8,9 +8,8 @@ from minipaligemma import PaliGemma, get_config, make_attn_mask
 from minipaligemma.config import TextConfig
 from minipaligemma.gemma import Attention, apply_rope, softcap
 
-torch.set_grad_enabled(False)
 TINY = get_config("tiny")
-MODEL = PaliGemma(TINY).eval()
+MODEL = PaliGemma(TINY).eval().requires_grad_(False)
 with torch.no_grad():  # random norms too, so no property holds by accident of zero weights
     for p in MODEL.parameters():
         p.normal_(0, 0.3)
@@ -100,9 +99,10 @@ def test_gqa_equals_mha_with_repeated_kv_heads(heads, t, seed):
     group = num_heads // num_kv
     mha.q_proj.load_state_dict(gqa.q_proj.state_dict())
     mha.o_proj.load_state_dict(gqa.o_proj.state_dict())
-    for name in ("k_proj", "v_proj"):  # KV head n of MHA := KV head n // group of GQA
-        w = getattr(gqa, name).weight.reshape(num_kv, 8, 32)
-        getattr(mha, name).weight.copy_(w.repeat_interleave(group, dim=0).reshape(num_heads * 8, 32))
+    with torch.no_grad():
+        for name in ("k_proj", "v_proj"):  # KV head n of MHA := KV head n // group of GQA
+            w = getattr(gqa, name).weight.reshape(num_kv, 8, 32)
+            getattr(mha, name).weight.copy_(w.repeat_interleave(group, dim=0).reshape(num_heads * 8, 32))
     x = torch.randn(2, t, 32)
     positions = torch.arange(t).expand(2, t)
     mask = make_attn_mask(torch.ones(2, t), torch.ones(2, t))
@@ -122,7 +122,7 @@ def test_softcapped_values_stay_within_cap(values, cap):
 @given(prefix_suffix_example())
 def test_model_logits_stay_within_final_cap(example):
     pixels, ids, mask_ar, _ = example
-    big = PaliGemma(TINY).eval()
+    big = PaliGemma(TINY).eval().requires_grad_(False)
     big.load_state_dict(MODEL.state_dict())
     big.llm.embed.weight.mul_(100)  # huge logits before the cap
     assert (big(pixels, ids, mask_ar).abs() <= TINY.text.final_softcap).all()
