@@ -134,10 +134,19 @@ def extend(model: PaliGemma, tokens: torch.Tensor, cache: KVCache,
 # ---------------------------------------------------------------------------------------------
 # Decoding loops on token ids.
 
+def within(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Forbid ids >= vocab_size (None: allow all). transformers' checkpoints carry 64 embedding
+    rows past the tokenizer's 257152 (`<image>` and padding) that must never be generated."""
+    if vocab_size is None or vocab_size >= logits.shape[-1]:
+        return logits
+    return logits.index_fill(-1, torch.arange(vocab_size, logits.shape[-1], device=logits.device), float("-inf"))
+
+
 @torch.no_grad()
 def decode(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor, mask_ar: torch.Tensor,
            mask_input: torch.Tensor | None = None, max_new_tokens: int = 32, sampler: Sampler = greedy,
-           eos_id: int = EOS_ID, pad_id: int = PAD_ID, on_token: OnToken | None = None) -> torch.Tensor:
+           eos_id: int = EOS_ID, pad_id: int = PAD_ID, on_token: OnToken | None = None,
+           vocab_size: int | None = None) -> torch.Tensor:
     """Generate up to max_new_tokens tokens after each prompt; return them as ids [B, N].
 
     pixel_values [B, 3, H, W] (or [B, frames, 3, H, W]); input_ids, mask_ar, mask_input [B, T]
@@ -149,7 +158,7 @@ def decode(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor
     if mask_input is None:
         mask_input = torch.ones_like(input_ids)
     cache = new_cache(model, pixel_values, input_ids.shape[1], max_new_tokens)
-    logits = prefill(model, pixel_values, input_ids, mask_ar, mask_input, cache)  # [B, V]
+    logits = within(prefill(model, pixel_values, input_ids, mask_ar, mask_input, cache), vocab_size)  # [B, V]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # [B]
     steps = []
     for step in range(max_new_tokens):
@@ -162,14 +171,15 @@ def decode(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor
         done = done | (tokens == eos_id)
         if done.all() or step == max_new_tokens - 1:
             break
-        logits = extend(model, tokens, cache, real=~done)  # [B, V]
+        logits = within(extend(model, tokens, cache, real=~done), vocab_size)  # [B, V]
     return torch.stack(steps, dim=1)  # [B, N]
 
 
 @torch.no_grad()
 def beam_search(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor, mask_ar: torch.Tensor,
                 mask_input: torch.Tensor | None = None, max_new_tokens: int = 32, beam_size: int = 2,
-                eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+                eos_id: int = EOS_ID, pad_id: int = PAD_ID, vocab_size: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """big_vision's beam search (module docstring): the most likely EOS-terminated continuation.
 
     Inputs as for `decode`. Returns ids [B, N], each row ending with EOS (then pad_id), and
@@ -181,7 +191,7 @@ def beam_search(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.T
         mask_input = torch.ones_like(input_ids)
     b, n = input_ids.shape[0], beam_size
     cache = new_cache(model, pixel_values, input_ids.shape[1], max_new_tokens)
-    logits = prefill(model, pixel_values, input_ids, mask_ar, mask_input, cache)  # [B, V]
+    logits = within(prefill(model, pixel_values, input_ids, mask_ar, mask_input, cache), vocab_size)  # [B, V]
     vocab = logits.shape[-1]
     # Every example starts as n copies of its prompt; all but the first copy score -inf, so the
     # first step picks its n continuations from one beam. (Beams beyond the number of possible
@@ -219,7 +229,7 @@ def beam_search(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.T
         if (live_scores.max(dim=1).values < best_scores).all():  # no live beam can still win
             break
         cache.select_rows((examples[:, None] * n + parent).flatten())
-        logits = extend(model, token.flatten(), cache)  # [B * n, V]
+        logits = within(extend(model, token.flatten(), cache), vocab_size)  # [B * n, V]
     return best_tokens[:, :int(best_lengths.max())], best_scores
 
 
@@ -260,7 +270,7 @@ def generate(model: PaliGemma, tokenizer: Tokenizer, images: Sequence, prompts: 
     pixel_values = preprocess(list(images), model.config.vision.image_size, resample)  # [B, (frames,) 3, S, S]
     pixel_values = pixel_values.to(weight)  # the model's dtype and device
     inputs = dict(pixel_values=pixel_values, input_ids=batch["input_ids"], mask_ar=batch["mask_ar"],
-                  mask_input=batch["mask_input"], max_new_tokens=max_new_tokens)
+                  mask_input=batch["mask_input"], max_new_tokens=max_new_tokens, vocab_size=tokenizer.vocab_size)
     if beam_size is None:
         tokens = decode(model, **inputs, sampler=sampler, on_token=on_token)  # [B, N]
     elif on_token is not None or sampler is not greedy:

@@ -389,3 +389,11 @@ def test_generate_refuses_what_cannot_fit(tokenizer_and_model):
         generate(model, tokenizer, [image], ["a", "b"])
     with pytest.raises(ValueError, match="beam search"):
         generate(model, tokenizer, [image], ["a"], beam_size=2, on_token=print)
+
+
+def test_ids_past_the_tokenizer_are_never_generated():
+    """transformers' 64 extra embedding rows (<image>, padding) must not be decoded."""
+    from minipaligemma.generate import within
+    logits = torch.tensor([[0.0, 1.0, 5.0, 9.0]])
+    assert within(logits, 2).argmax().item() == 1
+    assert torch.equal(within(logits, None), logits) and torch.equal(within(logits, 4), logits)
