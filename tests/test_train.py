@@ -1,0 +1,169 @@
+"""The trainer: schedules, checkpoints, resuming, divergence, distributed equivalence, and a
+shortened pipeline that must learn."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from minipaligemma import PaliGemma, get_config
+from minipaligemma.checkpoint import to_hf_state_dict, write_hf_folder
+from minipaligemma.data import STAGE1_MIXTURE, World
+from minipaligemma.tokenizer import train_tokenizer
+from minipaligemma.train import (RECIPES, ParamGroup, Trainer, TrainingDiverged, cosine_schedule, fit,
+                                 load_checkpoint, paligemma_batch, paligemma_step_loss, plot_losses,
+                                 rsqrt_schedule, run, world_examples)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_schedules():
+    # rsqrt: linear warm-up to 1, flat until the timescale, then 1/sqrt(t / timescale).
+    assert rsqrt_schedule(0, warmup=10, timescale=100) == pytest.approx(0.1)
+    assert rsqrt_schedule(50, warmup=10, timescale=100) == 1.0
+    assert rsqrt_schedule(399, warmup=10, timescale=100) == pytest.approx(0.5)
+    # cosine: 5 % warm-up, peak 1, then down to 0 at the end.
+    values = [cosine_schedule(t, total=100) for t in range(100)]
+    assert values[4] == 1.0 and values[0] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(values[4:], values[5:])) and values[-1] < 0.01
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    world = World(0)
+    return train_tokenizer(world.text_corpus(600), 512, tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+def tiny_model(tokenizer, size=32):
+    cfg = get_config("tiny")
+    cfg = replace(cfg, vision=replace(cfg.vision, image_size=size), text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
+    torch.manual_seed(0)
+    return PaliGemma(cfg)
+
+
+def world_fit(model, tokenizer, checkpoint, steps, stop_after=None, loss_hook=None, fsdp=False):
+    """A few steps of stage 1 on the world (no segment: it needs a VQ-VAE)."""
+    world = World(0)
+    mixture = {k: v for k, v in STAGE1_MIXTURE.items() if k != "segment"}
+
+    def loss_fn(trained, t):
+        batch = paligemma_batch(world_examples(world, 32, mixture, 8, 0, t), tokenizer, 32, "cpu")
+        loss, tokens = paligemma_step_loss(trained, batch, model.config.num_image_tokens, False)
+        return (loss_hook(loss, t) if loss_hook else loss), tokens
+
+    groups = [ParamGroup("all", list(model.parameters()), 1e-3, lambda t: 1.0)]
+    return fit(model, groups, loss_fn, steps, checkpoint, "test", checkpoint_every=2, fsdp=fsdp, stop_after=stop_after)
+
+
+def test_resumed_run_ends_with_the_same_weights(tokenizer, tmp_path):
+    straight = tiny_model(tokenizer)
+    losses = world_fit(straight, tokenizer, tmp_path / "a.safetensors", steps=6)
+    crashed = tiny_model(tokenizer)
+    world_fit(crashed, tokenizer, tmp_path / "b.safetensors", steps=6, stop_after=3)  # dies after step 3
+    assert json.loads((tmp_path / "b.json").read_text())["step"] == 2  # last checkpoint: step 2
+    resumed = tiny_model(tokenizer)  # a fresh process: new model, state from the checkpoint
+    resumed_losses = world_fit(resumed, tokenizer, tmp_path / "b.safetensors", steps=6)
+    assert resumed_losses == losses
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    poison = lambda loss, t: loss * float("nan") if t == 4 else loss  # noqa: E731
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4; last good checkpoint: .*c.safetensors \(step 4\)"):
+        world_fit(model, tokenizer, tmp_path / "c.safetensors", steps=8, loss_hook=poison)
+    fresh = tiny_model(tokenizer)
+    optimizer = torch.optim.AdamW(fresh.parameters())
+    state = load_checkpoint(tmp_path / "c.safetensors", fresh, optimizer)
+    assert state["step"] == 4 and all(torch.isfinite(p).all() for p in fresh.parameters())
+    assert not list(tmp_path.glob("*.tmp"))  # nothing half-written left behind
+
+
+def test_loss_curve_png(tmp_path):
+    plot_losses([3.0, 2.0, 1.5, 1.0], tmp_path / "loss.png", "test")
+    image = Image.open(tmp_path / "loss.png")
+    assert image.size == (640, 360) and len(image.getcolors(maxcolors=1 << 16)) > 2
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from dataclasses import replace
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_model, world_fit
+    from minipaligemma.tokenizer import Tokenizer
+    from minipaligemma.train import init_distributed, rank_and_world
+    init_distributed()
+    torch.manual_seed(0)
+    model = tiny_model(Tokenizer.from_file({tokenizer!r}))
+    losses = world_fit(model, Tokenizer.from_file({tokenizer!r}), Path(sys.argv[1]) / "ckpt.safetensors", steps=4,
+                       fsdp=sys.argv[2] == "fsdp")
+    if rank_and_world()[0] == 0:
+        (Path(sys.argv[1]) / "losses.json").write_text(json.dumps(losses))
+""")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_follow_the_single_process_trajectory(tokenizer, tmp_path, mode):
+    """2 processes over gloo, each taking half of every global batch of 8, replicated (DDP) or
+    sharded (FSDP2), give the single process's losses; the checkpoint holds the whole model."""
+    script = tmp_path / "distributed.py"
+    tokenizer.save(tmp_path / "tokenizer.model")
+    script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(ROOT / "tests"), tokenizer=str(tmp_path / "tokenizer.model")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "single"], check=True, env=env, timeout=300)
+    port = {"ddp": "29533", "fsdp": "29534"}[mode]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                    str(script), str(tmp_path / "two"), mode], check=True, env=env, timeout=300)
+    one = json.loads((tmp_path / "one" / "losses.json").read_text())
+    two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    print("1 process:", one, f"\n2 processes ({mode}):", two)
+    assert len(one) == len(two) == 4
+    assert one == pytest.approx(two, abs=1e-4)
+    single, sharded = (load_file(tmp_path / d / "ckpt.safetensors") for d in ("one", "two"))
+    assert single.keys() == sharded.keys()
+    assert all(torch.allclose(single[k], sharded[k], atol=1e-4) for k in single)
+
+
+def test_transfer_from_weights_on_a_jsonl_dataset(tokenizer, tmp_path):
+    """Stage 3 with --init (a checkpoint folder with its tokenizer) and --data (JSONL)."""
+    model = tiny_model(tokenizer)
+    write_hf_folder(to_hf_state_dict(model), model.config, tmp_path / "init")
+    tokenizer.save(tmp_path / "init" / "tokenizer.model")
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow"] * 2):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "prefix": "answer en what colour is it?", "suffix": colour}))
+    (tmp_path / "train.jsonl").write_text("\n".join(rows))
+    recipe = replace(RECIPES["tiny"], batch_size=8, stage3_steps=30, transfer_lr=3e-3)
+    run(recipe, tmp_path / "out", stages=(3,), init=tmp_path / "init", data=tmp_path / "train.jsonl")
+    state = json.loads((tmp_path / "out" / "stage3" / "checkpoint.json").read_text())
+    assert state["step"] == 30
+    assert sum(state["losses"][-5:]) / 5 < 0.5 * sum(state["losses"][:5]) / 5
+    assert (tmp_path / "out" / "stage3" / "model" / "config.json").exists()
+
+
+def test_shortened_pipeline_learns(tmp_path):
+    """Stages 0-3 at a few dozen steps each: every stage's loss falls, and the answers beat
+    always saying the held-out set's most common answer."""
+    recipe = replace(RECIPES["tiny"], vqvae_steps=60, siglip_steps=30, lm_steps=40, stage1_steps=160, stage2_steps=20,
+                     stage3_steps=20, eval_examples=48, checkpoint_every=1000, vision_warmup_steps=60)
+    metrics = run(recipe, tmp_path, stages=(0, 1, 2, 3), task="answer")
+    for stage in (1, 2, 3):
+        losses = json.loads((tmp_path / f"stage{stage}" / "checkpoint.json").read_text())["losses"]
+        assert sum(losses[-5:]) < sum(losses[:5]), f"stage {stage} loss did not fall"
+    answers = [e.suffix for e in World(0).eval_set("answer", 32, 48)]
+    majority = max(answers.count(a) for a in set(answers)) / len(answers)
+    print(metrics, "majority baseline", majority)
+    assert metrics["stage 1"]["answer"] > majority
