@@ -48,7 +48,9 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from tqdm import tqdm
 
 from .checkpoint import at_resolution, load, to_hf_state_dict, write_hf_folder
@@ -168,7 +170,6 @@ def wrap_for_training(model: nn.Module, fsdp: bool) -> nn.Module:
     if not dist.is_initialized():
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
         for module in model.modules():
             if type(module).__name__ in ("EncoderBlock", "DecoderBlock"):
                 fully_shard(module)
@@ -452,6 +453,11 @@ class Trainer:
     def finish_stage(self, stage: int, model: PaliGemma, losses: list[float], evaluate_at: int | None) -> None:
         """Evaluate, write metrics, loss curve and model (rank 0), then wait for every rank."""
         folder = self.stage_dir(stage)
+        if self.fsdp and dist.is_initialized():  # gather the shards into a plain model on rank 0
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank == 0:
+                model = PaliGemma(model.config)
+                model.load_state_dict(state)
         if self.rank == 0:
             if losses:
                 plot_losses(losses, folder / "loss.png", f"stage {stage}")
@@ -522,7 +528,7 @@ class Trainer:
 
         groups = [ParamGroup("siglip", list(siglip.parameters()), r.lr, partial(cosine_schedule, total=r.siglip_steps))]
         losses = fit(siglip, groups, siglip_loss, r.siglip_steps, folder / "siglip.safetensors", "stage 0 SigLIP",
-                     r.checkpoint_every, self.fsdp, self.stop_after)
+                     r.checkpoint_every, stop_after=self.stop_after)
         if self.rank == 0:
             plot_losses(losses, folder / "siglip_loss.png", "stage 0 SigLIP")
 
@@ -538,7 +544,7 @@ class Trainer:
 
         groups = [ParamGroup("llm", list(lm.parameters()), r.lr, partial(cosine_schedule, total=r.lm_steps))]
         lm_losses = fit(lm, groups, lm_loss, r.lm_steps, folder / "lm.safetensors", "stage 0 LM",
-                        r.checkpoint_every, self.fsdp, self.stop_after)
+                        r.checkpoint_every, stop_after=self.stop_after)
 
         model = PaliGemma(cfg).to(self.device)
         model.vision.load_state_dict(siglip.image.state_dict())
@@ -607,11 +613,14 @@ class Trainer:
 def run(recipe: str | Recipe, out, stages=(0, 1, 2, 3), task: str = "answer", seed: int = 0, device=None,
         freeze_vision: bool = False, init=None, data=None, fsdp: bool = False) -> dict[str, dict[str, float]]:
     """Run the given stages of a recipe into `out`; return the held-out metrics per stage."""
+    if init is not None and data is None:
+        raise ValueError("--init transfers official weights to a dataset of your own: give --data too")
     init_distributed()
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
     trainer = Trainer(recipe, Path(out), seed, device, fsdp)
     started = time.time()
-    trainer.prepare()
+    if init is None:  # the world's tokenizer and VQ-VAE; a transfer from official weights needs neither
+        trainer.prepare()
     if init is None:
         for stage in (0, 1, 2):
             if stage in stages:

@@ -157,7 +157,7 @@ def test_transfer_from_weights_on_a_jsonl_dataset(tokenizer, tmp_path):
 def test_shortened_pipeline_learns(tmp_path):
     """Stages 0-3 at a few dozen steps each: every stage's loss falls, and the answers beat
     always saying the held-out set's most common answer."""
-    recipe = replace(RECIPES["tiny"], vqvae_steps=60, siglip_steps=30, lm_steps=40, stage1_steps=160, stage2_steps=20,
+    recipe = replace(RECIPES["tiny"], vqvae_steps=60, siglip_steps=30, lm_steps=40, stage1_steps=200, stage2_steps=20,
                      stage3_steps=20, eval_examples=48, checkpoint_every=1000, vision_warmup_steps=60)
     metrics = run(recipe, tmp_path, stages=(0, 1, 2, 3), task="answer")
     for stage in (1, 2, 3):
