@@ -94,6 +94,16 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.dst}")
 
 
+def cmd_bench(args) -> None:
+    """Time ours against transformers on the same weights: a table, then one line of JSON."""
+    from .bench import bench  # imports the trainer, and transformers when it runs
+    command = f"python -m minipaligemma bench --config {args.config} --device {args.device}"
+    for option in ("repeats", "threads", "peak_tflops"):
+        if getattr(args, option) is not None:
+            command += f" --{option.replace('_', '-')} {getattr(args, option)}"
+    bench(args.config.split(","), args.device, args.repeats, args.peak_tflops, args.threads, command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minipaligemma", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst", help="ends in .npz for big_vision's layout, else a transformers folder")
     p.set_defaults(run=cmd_convert)
+
+    p = commands.add_parser("bench", help="ours vs transformers: prefill, decode, memory, training step")
+    p.add_argument("--config", default="tiny",
+                   help="tiny, full-width, 3b-bf16, small (comma-separated), or all (the device's set)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default: per config)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's peak bf16 TFLOP/s for MFU (default: looked up by device name)")
+    p.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -6,10 +6,15 @@ Read top to bottom, the pieces are (paligemma-spec.md §2.3-2.4):
   identity gain. Computed in float32 whatever the model dtype, because the mean of squares
   over thousands of channels loses too much in bfloat16.
 - RoPE, the "half-split" form: the first half of each head's channels is rotated against the
-  second half (not interleaved pairs), with 0-based positions as big_vision uses.
+  second half (not interleaved pairs), with 0-based positions as big_vision uses. A layer
+  computes the angles once (`rope_angles`) and turns queries and keys by them (`rotate`).
 - Grouped-query attention: N query heads share K key/value heads, query head n reading KV head
   n // (N / K). Queries are scaled by 1/sqrt(query_pre_attn_scalar) (head_dim, except 144 for
   Gemma 2 27B). Gemma 2 soft-caps the attention logits: 50 * tanh(logits / 50).
+  `attend` is the reference: plain matrix products, soft-cap, mask and softmax, in float32.
+  Without a soft-cap (Gemma 1) the same function goes through PyTorch's fused kernel
+  (`fused_attend`, switched by FUSED_ATTENTION; the tests hold the two equal), since a fused
+  kernel cannot apply the cap.
 - GeGLU MLP: down(gelu_tanh(gate(x)) * up(x)).
 - The block: pre-norms before attention and MLP; Gemma 2 adds post-norms on their outputs.
 - The decoder: embeddings times sqrt(width) (text only: image tokens come in unscaled, see
@@ -24,10 +29,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from .config import TextConfig
+
+# Attention without a soft-cap (Gemma 1) runs PyTorch's fused kernel; False runs the reference
+# path `attend` everywhere (the tests compare the two).
+FUSED_ATTENTION = True
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -49,20 +57,32 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate x [B, heads, T, H] by its positions [B, T] (half-split RoPE, float32 angles).
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, H/2] of RoPE's angles for positions [B, T], in float32.
+
+    Channel pair d turns by position * base^(-2d/H): fast in the first pairs, slowly in the last.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)  # [H/2]
+    angles = positions.float()[:, None, :, None] * inv_freq  # [B, 1, T, H/2]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, H] by the angles of `rope_angles` (half-split RoPE, in float32).
 
     Channel d of the first half and channel d of the second half form a 2-D vector that turns by
-    the angle position * base^(-2d/H). A query at position i and a key at position j then score
-    q.k as a function of i - j only: attention sees relative positions.
+    its angle. A query at position i and a key at position j then score q.k as a function of
+    i - j only: attention sees relative positions.
     """
     half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / x.shape[-1])  # [H/2]
-    angles = positions.float()[:, None, :, None] * inv_freq  # [B, 1, T, H/2]
-    sin, cos = angles.sin(), angles.cos()
-    x1, x2 = x.float().split(half, dim=-1)  # [B, heads, T, H/2] each
+    x1, x2 = x[..., :half].float(), x[..., half:].float()  # [B, heads, T, H/2] each
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [B, heads, T, H]
     return rotated.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate x [B, heads, T, H] by its positions [B, T]: `rotate` with the angles of `rope_angles`."""
+    return rotate(x, *rope_angles(positions, x.shape[-1], base))
 
 
 class KVCache:
@@ -119,6 +139,39 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Grouped-query attention, the reference path: softmax over soft-capped, masked scores.
+
+    q [B, N, T, H] (already scaled), k and v [B, K, S, H], mask [B, T, S] (True = may attend)
+    -> [B, N, T, H]. Scores, soft-cap and softmax are computed in float32.
+    """
+    b, n, t, h = q.shape
+    kv = k.shape[1]
+    # Query head n = kv * G + g uses KV head kv: the G query heads of each KV head are stacked
+    # along the time axis, so that one matrix product per KV head serves all G of them.
+    q = q.reshape(b, kv, n // kv * t, h)  # [B, K, G*T, H]
+    logits = (q @ k.transpose(-1, -2)).float().view(b, kv, n // kv, t, -1)  # [B, K, G, T, S]
+    logits = softcap(logits, cap)
+    # A masked logit becomes the most negative float rather than -inf, so a query that may
+    # see nothing (a padding token) gets a harmless uniform average instead of NaN.
+    logits = logits.masked_fill(~mask[:, None, None], torch.finfo(logits.dtype).min)
+    probs = logits.softmax(dim=-1).to(v.dtype).view(b, kv, n // kv * t, -1)  # [B, K, G*T, S]
+    return (probs @ v).view(b, n, t, h)  # [B, N, T, H]
+
+
+def fused_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`attend` without a soft-cap, through PyTorch's fused kernel (the fast path).
+
+    The mask goes in as an additive bias, 0 or the most negative float, rather than as booleans:
+    a query that may see nothing then averages all keys uniformly, exactly as in `attend`, where
+    a boolean mask would give NaN on some backends. KV heads are repeated for their G query heads.
+    """
+    groups = q.shape[1] // k.shape[1]
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
+                                          attn_mask=bias[:, None], scale=1.0)  # [B, N, T, H]
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE and (Gemma 2) soft-capped logits. No biases."""
 
@@ -134,24 +187,20 @@ class Attention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """x [B, T, D], positions [B, T], mask [B, T, S] (True = may attend) -> [B, T, D]."""
         cfg = self.cfg
-        q = rearrange(self.q_proj(x), "b t (n h) -> b n t h", n=cfg.num_heads)  # [B, N, T, H]
-        k = rearrange(self.k_proj(x), "b t (k h) -> b k t h", k=cfg.num_kv_heads)  # [B, K, T, H]
-        v = rearrange(self.v_proj(x), "b t (k h) -> b k t h", k=cfg.num_kv_heads)  # [B, K, T, H]
-        q = apply_rope(q, positions, cfg.rope_base) * cfg.query_pre_attn_scalar**-0.5
-        k = apply_rope(k, positions, cfg.rope_base)
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, N, T, H]
+        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, K, T, H]
+        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, K, T, H]
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)  # [B, 1, T, H/2] each
+        q = rotate(q, cos, sin) * cfg.query_pre_attn_scalar**-0.5
+        k = rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, K, S, H], the past included
-
-        # Query head n = kv * G + g uses KV head kv: group the N query heads as K groups of G.
-        q = rearrange(q, "b (k g) t h -> b k g t h", k=cfg.num_kv_heads)  # [B, K, G, T, H]
-        logits = torch.einsum("bkgth,bksh->bkgts", q, k).float()  # [B, K, G, T, S]
-        logits = softcap(logits, cfg.attn_softcap)
-        # A masked logit becomes the most negative float rather than -inf, so a query that may
-        # see nothing (a padding token) gets a harmless uniform average instead of NaN.
-        logits = logits.masked_fill(~mask[:, None, None], torch.finfo(logits.dtype).min)
-        probs = logits.softmax(dim=-1).to(v.dtype)  # [B, K, G, T, S]
-        out = torch.einsum("bkgts,bksh->bkgth", probs, v)  # [B, K, G, T, H]
-        return self.o_proj(rearrange(out, "b k g t h -> b t (k g h)"))  # [B, T, D]
+        if cfg.attn_softcap is None and FUSED_ATTENTION:
+            out = fused_attend(q, k, v, mask)  # [B, N, T, H]
+        else:
+            out = attend(q, k, v, mask, cfg.attn_softcap)  # [B, N, T, H]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, D]
 
 
 class MLP(nn.Module):
