@@ -52,32 +52,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        gain = 1.0 + self.weight.float()  # [D]
+        return F.rms_norm(x.float(), x.shape[-1:], gain, self.eps).to(x.dtype)  # x * rsqrt(mean(x^2) + eps) * gain
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, 1, T, H/2] of RoPE's angles for positions [B, T], in float32.
+    """cos and signed sin [B, 1, T, H] of RoPE's angles for positions [B, T], in float32.
 
     Channel pair d turns by position * base^(-2d/H): fast in the first pairs, slowly in the last.
+    Both halves of the head get their pair's angle; the sin of the first half is negated, which
+    is the sign `rotate` needs there.
     """
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)  # [H/2]
     angles = positions.float()[:, None, :, None] * inv_freq  # [B, 1, T, H/2]
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # [B, 1, T, H] each
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, heads, T, H] by the angles of `rope_angles` (half-split RoPE, in float32).
 
-    Channel d of the first half and channel d of the second half form a 2-D vector that turns by
-    its angle. A query at position i and a key at position j then score q.k as a function of
-    i - j only: attention sees relative positions.
+    Channel d of the first half (x1) and channel d of the second half (x2) form a 2-D vector that
+    turns by its angle a: (x1, x2) -> (x1 cos a - x2 sin a, x2 cos a + x1 sin a). With the halves
+    swapped, [x2, x1], and the signed sin, that is one multiply-add over the whole head. A query
+    at position i and a key at position j then score q.k as a function of i - j only: attention
+    sees relative positions.
     """
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()  # [B, heads, T, H/2] each
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [B, heads, T, H]
-    return rotated.to(x.dtype)
+    x32 = x.float()
+    swapped = torch.cat([x32[..., half:], x32[..., :half]], dim=-1)  # [B, heads, T, H]: [x2, x1]
+    return (x32 * cos + swapped * sin).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -191,7 +195,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, N, T, H]
         k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, K, T, H]
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, K, T, H]
-        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)  # [B, 1, T, H/2] each
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)  # [B, 1, T, H] each
         q = rotate(q, cos, sin) * cfg.query_pre_attn_scalar**-0.5
         k = rotate(k, cos, sin)
         if cache is not None:
@@ -272,6 +276,6 @@ class Gemma(nn.Module):
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, D] to vocabulary logits [B, T, V] through the tied embedding."""
-        logits = hidden @ self.embed.weight.T  # [B, T, V]
+        """Hidden states [..., D] to vocabulary logits [..., V] through the tied embedding."""
+        logits = hidden @ self.embed.weight.T  # [..., V]
         return softcap(logits, self.config.final_softcap)

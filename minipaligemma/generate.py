@@ -118,9 +118,9 @@ def prefill(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tenso
             mask_input: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Encode the images, run the prompts [B, T] into the empty cache; return the float32 logits
     [B, V] at each row's last real prompt token, which predict the first new token."""
-    logits = model(pixel_values, input_ids, mask_ar, mask_input, cache)  # [B, T, V]
+    states = model.text_states(pixel_values, input_ids, mask_ar, mask_input, cache)  # [B, T, D]
     last = input_ids.shape[1] - 1 - mask_input.long().flip(1).argmax(dim=1)  # [B], any padding side
-    return logits[torch.arange(logits.shape[0]), last].float()  # [B, V]
+    return model.llm.logits(states[torch.arange(states.shape[0]), last]).float()  # [B, V]
 
 
 @torch.inference_mode()

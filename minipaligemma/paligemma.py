@@ -115,6 +115,15 @@ class PaliGemma(nn.Module):
         stored in it: the first call (prefill) passes the images, later calls (extend) pass
         None and only the new text tokens.
         """
+        return self.llm.logits(self.text_states(pixel_values, input_ids, mask_ar, mask_input, cache))
+
+    def text_states(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, mask_ar: torch.Tensor,
+                    mask_input: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """The decoder's final states [B, T, D] at the text tokens (arguments as in forward).
+
+        forward() turns all of them into logits; a prefill needs the logits of one position per
+        row only, and the output embedding ([D, V], V = 257k) is the biggest matmul there is.
+        """
         if mask_input is None:
             mask_input = torch.ones_like(input_ids)
         x = self.llm.embed_tokens(input_ids)  # [B, T, D], times sqrt(D)
@@ -143,4 +152,4 @@ class PaliGemma(nn.Module):
         local_mask = None if window is None else sliding_window_mask(
             mask, positions, k_positions, steps, k_steps, window)
         hidden = self.llm(x, positions, mask, local_mask, cache)  # [B, S_new, D]
-        return self.llm.logits(hidden[:, num_image:])  # [B, T, V]
+        return hidden[:, num_image:]  # [B, T, D]
