@@ -62,7 +62,7 @@ def test_text_is_the_same_on_every_machine():
         "caption en\na yellow triangle",
         "describe en\na small green triangle at the top; a small red triangle on the right",
         "answer en what shape is the large blue object?\nsquare",
-        "detect blue diamond\n<loc0492><loc0723><loc0697><loc0928> blue diamond",
+        "detect blue diamond\n<loc0512><loc0768><loc0717><loc0973> blue diamond",  # corner (4/8, 6/8), side 0.2
         "ocr\nWEB",
         "caption en\na yellow circle and a yellow square",
     ]
@@ -115,6 +115,25 @@ def test_ocr_text_is_unreadable_at_32_px_and_readable_at_64_px():
         for size, lowest, highest in ((32, 2, 4), (64, 6, 7), (224, 21, 22)):
             rows = np.nonzero(ink(text_only, size).any(axis=1))[0]
             assert lowest <= rows.max() + 1 - rows.min() <= highest, (index, size)
+
+
+def test_tiny_world_corners_sit_on_the_lattice_and_free_placement_does_not():
+    def corners(config):
+        world = World(seed=8, config=config)
+        scenes = [world.scene(i) for i in range(40)]
+        return np.array([item.box[:2] for s in scenes for item in s.objects + s.words])  # [N, 2]
+
+    on_lattice = corners(WorldConfig(grid=8)) * 8
+    assert np.abs(on_lattice - np.round(on_lattice)).max() < 1e-9
+    assert len(np.unique(np.round(on_lattice))) >= 6  # spread over the lattice, not stuck on one line
+    free = corners(replace(WorldConfig(), grid=None)) * 8
+    assert np.abs(free - np.round(free)).max() > 0.1
+    # At 64 px a word then starts on an 8 px patch boundary and fits in one row of patches.
+    world = World(seed=8, config=WorldConfig(grid=8))
+    for index in range(20):
+        text_only = replace(world.scene(index), objects=())
+        rows = np.nonzero(ink(text_only, 64).any(axis=1))[0]
+        assert rows.min() // 8 == rows.max() // 8, index
 
 
 # ----------------------------------------------------------------------------- targets match the scene
@@ -325,6 +344,6 @@ def test_jsonl_unreadable_image_names_the_line(tmp_path):
 
 def test_world_config_rejects_what_it_cannot_draw():
     for bad in (dict(shapes=("hexagon",)), dict(colours=("teal",)), dict(vocabulary=("cat",)), dict(objects=(0, 2)),
-                dict(shapes=("circle",), colours=("red",), objects=(1, 2))):
+                dict(shapes=("circle",), colours=("red",), objects=(1, 2)), dict(grid=1), dict(grid=0.5)):
         with pytest.raises(ValueError):
             WorldConfig(**bad)
