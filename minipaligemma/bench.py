@@ -28,8 +28,10 @@ Design choices:
              optimizer states at once would not fit at full width.
 - Peak memory is what a call adds on top of what was allocated before it (weights, mostly): on
   a GPU `torch.cuda.max_memory_allocated`; on a CPU the growth of the process's peak resident
-  set (Linux's VmHWM, reset through /proc/self/clear_refs), which also counts memory the C
-  allocator keeps after a free. Measured on a decode at batch 8 and on a training step.
+  set (Linux's VmHWM, reset through /proc/self/clear_refs) after glibc's malloc_trim has handed
+  freed pages back; still only as good as the allocator's bookkeeping, so figures of a few MiB
+  (tiny models) are noise.
+  Measured on a decode at batch 8 and on a training step.
 - On a GPU two utilisation figures: MFU = model FLOPs of a training step (6 * parameters *
   tokens, per tower, attention scores left out) / time / the device's peak bf16 FLOP/s; MBU =
   bytes a decode step must read (the decoder's weights, the output embedding included, and
@@ -39,6 +41,7 @@ Design choices:
   their memory / ours. Above 1, ours is ahead.
 """
 
+import ctypes
 import gc
 import json
 import os
@@ -98,7 +101,7 @@ def cases(device: torch.device) -> dict[str, Case]:
                      torch.float32),
         "full-width": Case("PaliGemma 2 3B-224 widths and vocabulary, 2 layers per tower", two_layers,
                            torch.float32, new_tokens=8, train_batch=2, repeats=3),
-        "3b-bf16": Case("PaliGemma 2 3B-224 at full depth", three_b, torch.bfloat16, new_tokens=8,
+        "3b-bf16": Case("PaliGemma 2 3B-224 at full depth", three_b, torch.bfloat16, new_tokens=16,
                         train_batch=8 if gpu else None, repeats=3,
                         no_train="weights, gradients and AdamW state of a 3B model exceed 24 GiB of CPU memory"),
         "small": Case("the trainer's small preset at 224 px", small_model, torch.float32, train_batch=32,
@@ -241,6 +244,15 @@ def _proc_kib(path: str, field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
 
 
+def _release_free_memory() -> None:
+    """Hand the pages the C allocator keeps after frees back to the OS (glibc's malloc_trim), so
+    that a later allocation shows up as resident-set growth instead of reusing them unseen."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: figures may then read low
+        pass
+
+
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     """MiB that one call of fn adds at its peak, above what was in use before (module docstring);
     None on a CPU without Linux's /proc."""
@@ -253,6 +265,7 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
+        _release_free_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak (VmHWM) to the current resident set
         before = _proc_kib("/proc/self/status", "VmHWM")
@@ -408,7 +421,7 @@ def _train_figures(case: Case, reference, ours: PaliGemma, device: torch.device,
     seconds, memory = {}, {}
     for name, model, loss_fn in (("ours", ours, ours_loss), ("transformers", reference, reference_loss)):
         model.train()
-        params = [p for p in model.parameters()]
+        params = list(model.parameters())
         optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 
         def step():

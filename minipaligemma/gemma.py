@@ -6,8 +6,9 @@ Read top to bottom, the pieces are (paligemma-spec.md §2.3-2.4):
   identity gain. Computed in float32 whatever the model dtype, because the mean of squares
   over thousands of channels loses too much in bfloat16.
 - RoPE, the "half-split" form: the first half of each head's channels is rotated against the
-  second half (not interleaved pairs), with 0-based positions as big_vision uses. A layer
-  computes the angles once (`rope_angles`) and turns queries and keys by them (`rotate`).
+  second half (not interleaved pairs), with 0-based positions as big_vision uses. The decoder
+  computes the angles once per forward pass (`rope_angles`) and every layer turns its queries
+  and keys by them (`rotate`).
 - Grouped-query attention: N query heads share K key/value heads, query head n reading KV head
   n // (N / K). Queries are scaled by 1/sqrt(query_pre_attn_scalar) (head_dim, except 144 for
   Gemma 2 27B). Gemma 2 soft-caps the attention logits: 50 * tanh(logits / 50).
@@ -103,8 +104,10 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (cfg.depth, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
+        # Uninitialised: a slot is read only after it is written (attention reads [0, length + T)),
+        # and memory never touched costs neither the time to zero it nor resident pages.
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
+        self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
         self.steps = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, max_len]
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
@@ -187,15 +190,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.width, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """x [B, T, D], positions [B, T], mask [B, T, S] (True = may attend) -> [B, T, D]."""
+        """x [B, T, D], rope = rope_angles(positions [B, T]), mask [B, T, S] (True = may attend)
+        -> [B, T, D]."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, N, T, H]
         k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, K, T, H]
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, K, T, H]
-        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base)  # [B, 1, T, H] each
+        cos, sin = rope  # [B, 1, T, H] each
         q = rotate(q, cos, sin) * cfg.query_pre_attn_scalar**-0.5
         k = rotate(k, cos, sin)
         if cache is not None:
@@ -233,9 +237,9 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.post_ffw_norm = post_norm()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, mask, cache))
+        x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), rope, mask, cache))
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
 
@@ -269,8 +273,9 @@ class Gemma(nn.Module):
         """
         if self.config.sliding_window is not None and local_mask is None:
             raise ValueError("this config sets a sliding window: pass local_mask for the local layers")
+        rope = rope_angles(positions, self.config.head_dim, self.config.rope_base)  # cos, sin [B, 1, T, H]
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, local_mask if self.config.is_local_layer(i) else mask, cache)
+            x = layer(x, rope, local_mask if self.config.is_local_layer(i) else mask, cache)
         if cache is not None:
             cache.length += x.shape[1]
         return self.final_norm(x)

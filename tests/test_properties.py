@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from minipaligemma import PaliGemma, get_config, make_attn_mask
 from minipaligemma.config import TextConfig
-from minipaligemma.gemma import Attention, apply_rope, softcap
+from minipaligemma.gemma import Attention, apply_rope, rope_angles, softcap
 
 TINY = get_config("tiny")
 MODEL = PaliGemma(TINY).eval().requires_grad_(False)
@@ -104,9 +104,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads(heads, t, seed):
             w = getattr(gqa, name).weight.reshape(num_kv, 8, 32)
             getattr(mha, name).weight.copy_(w.repeat_interleave(group, dim=0).reshape(num_heads * 8, 32))
     x = torch.randn(2, t, 32)
-    positions = torch.arange(t).expand(2, t)
+    rope = rope_angles(torch.arange(t).expand(2, t), 8, gqa_cfg.rope_base)
     mask = make_attn_mask(torch.ones(2, t), torch.ones(2, t))
-    assert torch.allclose(gqa(x, positions, mask), mha(x, positions, mask), atol=1e-6)
+    assert torch.allclose(gqa(x, rope, mask), mha(x, rope, mask), atol=1e-6)
 
 
 @FAST
