@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="tiny (a CPU, minutes) or small (one GPU, about an hour)")
     p.add_argument("--out", required=True, help="output folder, e.g. runs/tiny; rerunning resumes")
     p.add_argument("--stages", default="0,1,2,3")
-    p.add_argument("--task", default="answer", help="the stage 3 transfer task")
+    p.add_argument("--task", default=None, help="the stage 3 transfer task (default: the preset's, ocr)")
     p.add_argument("--freeze-vision", action="store_true", help="stage 3: freeze the image encoder")
     p.add_argument("--init", help="stage 3 from official weights (needs --data)")
     p.add_argument("--data", help="stage 3 on a JSONL dataset of {image, prefix, suffix}")

@@ -88,6 +88,7 @@ class Recipe:
     stage1_steps: int
     stage2_steps: int
     stage3_steps: int
+    transfer_task: str = "ocr"  # stage 3's task unless the command line names another
     lr: float = 1e-3
     transfer_lr: float = 3e-4
     warmup_steps: int = 20
@@ -105,8 +106,8 @@ RECIPES = {
         text=TextConfig(version=2, width=128, depth=3, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32,
                         query_pre_attn_scalar=32),
         world=TINY_WORLD, low_res=32, high_res=64, batch_size=32, tokenizer_pieces=512, vqvae_steps=300,
-        siglip_steps=200, lm_steps=300, stage1_steps=1200, stage2_steps=600, stage3_steps=200,
-        vision_warmup_steps=300, rsqrt_timescale=300),
+        siglip_steps=200, lm_steps=300, stage1_steps=1200, stage2_steps=900, stage3_steps=200,
+        vision_warmup_steps=300, rsqrt_timescale=1000, eval_examples=96),
     # One GPU, about an hour in bfloat16: 112 -> 224 px with So400m's 14 px patches.
     "small": Recipe(
         vision=VisionConfig(image_size=112, patch_size=14, width=384, depth=6, mlp_dim=1536, num_heads=6),
@@ -610,7 +611,7 @@ class Trainer:
         self.finish_stage(3, model, losses, evaluate_at=None if data is not None else size)
 
 
-def run(recipe: str | Recipe, out, stages=(0, 1, 2, 3), task: str = "answer", seed: int = 0, device=None,
+def run(recipe: str | Recipe, out, stages=(0, 1, 2, 3), task: str | None = None, seed: int = 0, device=None,
         freeze_vision: bool = False, init=None, data=None, fsdp: bool = False) -> dict[str, dict[str, float]]:
     """Run the given stages of a recipe into `out`; return the held-out metrics per stage."""
     if init is not None and data is None:
@@ -626,6 +627,7 @@ def run(recipe: str | Recipe, out, stages=(0, 1, 2, 3), task: str = "answer", se
             if stage in stages:
                 getattr(trainer, f"stage{stage}")()
     if 3 in stages:
-        trainer.stage3(task, freeze_vision, Path(init) if init else None, Path(data) if data else None)
+        trainer.stage3(task or recipe.transfer_task, freeze_vision, Path(init) if init else None,
+                       Path(data) if data else None)
     trainer.log(f"done in {time.time() - started:.0f} s; held-out metrics per stage:\n{metrics_table(trainer.metrics)}")
     return trainer.metrics
