@@ -110,7 +110,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads(heads, t, seed):
 
 
 @FAST
-@given(st.lists(st.floats(-1e30, 1e30), min_size=1, max_size=20), st.floats(0.5, 100))
+# Subnormal inputs left out: 1.4e-45 / cap underflows to 0, and tanh(0) has no sign to keep.
+@given(st.lists(st.floats(-1e30, 1e30, allow_subnormal=False), min_size=1, max_size=20), st.floats(0.5, 100))
 def test_softcapped_values_stay_within_cap(values, cap):
     x = torch.tensor(values, dtype=torch.float32)
     capped = softcap(x, cap)
