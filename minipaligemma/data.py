@@ -260,7 +260,7 @@ class WorldConfig:
     text_height: float = 3 / 32
     vocabulary: tuple[str, ...] = WORDS
     max_detect: int = 2  # at most this many things in one `detect` prompt
-    grid: int | None = None  # object corners on multiples of 1/grid (None: anywhere)
+    grid: int | None = None  # object and word corners on multiples of 1/grid (None: anywhere)
 
     def __post_init__(self):
         unknown = (set(self.shapes) - set(SHAPES)) | (set(self.colours) - set(COLOURS))
