@@ -53,8 +53,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gain = 1.0 + self.weight.float()  # [D]
-        return F.rms_norm(x.float(), x.shape[-1:], gain, self.eps).to(x.dtype)  # x * rsqrt(mean(x^2) + eps) * gain
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # [..., D]
+        # normed * (1 + w) as normed + normed * w: one fused op (addcmul), which matters for small
+        # models, where a decoding step is mostly the fixed cost of each op (F.rms_norm, a chain
+        # of internal ops on the CPU, made a tiny model's decoding 6 % slower).
+        return torch.addcmul(normed, normed, self.weight.float()).to(x.dtype)  # [..., D]
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
