@@ -106,7 +106,7 @@ RECIPES = {
         text=TextConfig(version=2, width=128, depth=3, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32,
                         query_pre_attn_scalar=32),
         world=TINY_WORLD, low_res=32, high_res=64, batch_size=32, tokenizer_pieces=512, vqvae_steps=300,
-        siglip_steps=200, lm_steps=300, stage1_steps=1200, stage2_steps=1500, stage3_steps=200,
+        siglip_steps=200, lm_steps=300, stage1_steps=1200, stage2_steps=2400, stage3_steps=200,
         vision_warmup_steps=300, rsqrt_timescale=1000, eval_examples=96),
     # One GPU, about an hour in bfloat16: 112 -> 224 px with So400m's 14 px patches.
     "small": Recipe(
