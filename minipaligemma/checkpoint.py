@@ -16,7 +16,6 @@ embedding, so a stored `lm_head` must equal it and is then dropped.
 """
 
 import json
-import os
 import re
 import zipfile
 from dataclasses import replace
@@ -30,13 +29,14 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import PRESETS, PaliGemmaConfig, TextConfig, VisionConfig
+from .files import BadInput, atomic_write
 from .gemma import Gemma
 from .paligemma import PaliGemma
 from .siglip import SigLIPEncoder, resample_pos_embed
 from .tokenizer import Tokenizer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint does not fit the model: names the keys and shapes involved."""
 
 
@@ -444,7 +444,7 @@ def write_npz(params: dict[str, torch.Tensor], path: Path) -> None:
     for key, t in params.items():
         t = t.detach().cpu().contiguous()
         arrays[key] = t.view(torch.int16).numpy().view("V2") if t.dtype == torch.bfloat16 else t.numpy()
-    _atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def read_hf_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -490,18 +490,10 @@ def to_hf_state_dict(model: PaliGemma) -> dict[str, torch.Tensor]:
 def write_hf_folder(tensors: dict[str, torch.Tensor], cfg: PaliGemmaConfig, path: Path) -> None:
     """A transformers checkpoint folder: model.safetensors and config.json."""
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / "model.safetensors", lambda f: f.write(safetensors_bytes(tensors, metadata={"format": "pt"})))
+    atomic_write(path / "model.safetensors", lambda f: f.write(safetensors_bytes(tensors, metadata={"format": "pt"})))
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     config = dict(hf_config_dict(cfg), dtype=dtype)
-    _atomic_write(path / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename it into place: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")  # same folder, so the rename is atomic
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    atomic_write(path / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -57,6 +58,7 @@ from .checkpoint import at_resolution, load, to_hf_state_dict, write_hf_folder
 from .config import PaliGemmaConfig, TextConfig, VisionConfig
 from .data import (SMALL_WORLD, STAGE1_MIXTURE, STAGE2_MIXTURE, TASKS, TINY_WORLD, Example, JsonlDataset, World,
                    WorldConfig)
+from .files import atomic_write
 from .generate import generate
 from .image import preprocess
 from .paligemma import PaliGemma, make_attn_mask, prefix_lm_loss
@@ -196,13 +198,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         tensors.update({f"optimizer/{name}/{k}": torch.as_tensor(v).detach().cpu().contiguous()
                         for k, v in param_state.items()})
     state = dict(state, param_groups=optimizer_state["param_groups"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"trainer_state": json.dumps(state)})
-    os.replace(tmp, path)
-    tmp_json = path.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(state, indent=1))
-    os.replace(tmp_json, path.with_suffix(".json"))
+    atomic_write(path, lambda f: f.write(safetensors_bytes(tensors, metadata={"trainer_state": json.dumps(state)})))
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -50,8 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
+
+from .files import atomic_write
 
 MASK_SIZE = 64  # masks are resized to 64x64 before encoding
 GRID_SIZE = 4  # four stride-2 layers: 64 -> 4, so 4x4 = 16 codes per mask
@@ -260,9 +263,9 @@ def save_vqvae(model: MaskVQVAE, path: str | Path) -> None:
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".npz":
-        np.savez(path, **{k: v.numpy() for k, v in state.items()})
+        atomic_write(path, lambda f: np.savez(f, **{k: v.numpy() for k, v in state.items()}))
     elif path.suffix == ".safetensors":
-        save_file(state, str(path))
+        atomic_write(path, lambda f: f.write(safetensors_bytes(state)))
     else:
         raise ValueError(f"{path}: choose a .npz or .safetensors file name")
 
