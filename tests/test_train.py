@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from minipaligemma import PaliGemma, get_config
-from minipaligemma.checkpoint import to_hf_state_dict, write_hf_folder
-from minipaligemma.data import STAGE1_MIXTURE, World
-from minipaligemma.tokenizer import train_tokenizer
+from minipaligemma.checkpoint import at_resolution, load, to_hf_state_dict, write_hf_folder
+from minipaligemma.data import STAGE1_MIXTURE, STAGE2_MIXTURE, World
+from minipaligemma.tokenizer import Tokenizer, train_tokenizer
 from minipaligemma.train import (RECIPES, ParamGroup, Trainer, TrainingDiverged, cosine_schedule, fit,
                                  load_checkpoint, paligemma_batch, paligemma_step_loss, plot_losses,
                                  rsqrt_schedule, run, world_examples)
@@ -154,16 +154,42 @@ def test_transfer_from_weights_on_a_jsonl_dataset(tokenizer, tmp_path):
     assert (tmp_path / "out" / "stage3" / "model" / "config.json").exists()
 
 
+def held_out_loss(model: PaliGemma, tokenizer, task_examples: list, size: int) -> float:
+    """The suffix loss of a fixed held-out batch, without gradients."""
+    with torch.no_grad():
+        batch = paligemma_batch(task_examples, tokenizer, size, "cpu")
+        return paligemma_step_loss(model.eval(), batch, model.config.num_image_tokens, False)[0].item()
+
+
 def test_shortened_pipeline_learns(tmp_path):
-    """Stages 0-3 at a few dozen steps each: every stage's loss falls, and the answers beat
-    always saying the held-out set's most common answer."""
-    recipe = replace(RECIPES["tiny"], vqvae_steps=60, siglip_steps=30, lm_steps=40, stage1_steps=200, stage2_steps=20,
-                     stage3_steps=20, eval_examples=48, checkpoint_every=1000, vision_warmup_steps=60)
+    """Stages 0-3 at a few dozen steps each. Each stage lowers the loss of a fixed held-out batch
+    (its own tasks, scenes it never trained on) by a clear margin, and the answers beat always
+    saying the held-out set's most common answer by a clear margin. Both are averages over
+    dozens of examples, so no float32 rounding difference between CPUs can flip them (the
+    per-step training losses of 20 noisy batches could, and did). Across kernel sets (AVX2,
+    no vectorisation, one thread) the held-out losses agreed to 0.002."""
+    recipe = replace(RECIPES["tiny"], vqvae_steps=60, siglip_steps=30, lm_steps=40, stage1_steps=120, stage2_steps=60,
+                     stage3_steps=40, transfer_lr=1e-3, eval_examples=48, checkpoint_every=1000, vision_warmup_steps=60)
     metrics = run(recipe, tmp_path, stages=(0, 1, 2, 3), task="answer")
-    for stage in (1, 2, 3):
-        losses = json.loads((tmp_path / f"stage{stage}" / "checkpoint.json").read_text())["losses"]
-        assert sum(losses[-5:]) < sum(losses[:5]), f"stage {stage} loss did not fall"
-    answers = [e.suffix for e in World(0).eval_set("answer", 32, 48)]
+    tokenizer = Tokenizer.from_file(tmp_path / "stage0" / "tokenizer.model")
+    world = World(0)
+    held_out = {  # (tasks of the stage, resolution, largest ratio after / before); measured: 0.27, 0.86, 0.93
+        1: ([t for t in STAGE1_MIXTURE if t != "segment"], recipe.low_res, 0.5),
+        2: ([t for t in STAGE2_MIXTURE if t != "segment"], recipe.high_res, 0.95),
+        3: (["answer"], recipe.high_res, 0.97)}
+    for stage, (tasks, size, largest_ratio) in held_out.items():
+        examples = [e for task in tasks for e in world.eval_set(task, size, 8 if stage < 3 else 32)]
+        before = load(tmp_path / f"stage{stage - 1}" / "model", dtype=torch.float32)
+        if stage == 2:
+            before = at_resolution(before, size)
+        if stage == 3:  # stage 3 starts from stage 2 with the final soft-cap off
+            before = PaliGemma(replace(before.config, text=replace(before.config.text, final_softcap=None)))
+            before.load_state_dict(load(tmp_path / "stage2" / "model").state_dict())
+        after = load(tmp_path / f"stage{stage}" / "model", dtype=torch.float32)
+        loss_before, loss_after = (held_out_loss(m, tokenizer, examples, size) for m in (before, after))
+        print(f"stage {stage}: held-out loss {loss_before:.3f} -> {loss_after:.3f}")
+        assert loss_after < largest_ratio * loss_before, f"stage {stage}: held-out loss {loss_before:.3f} -> {loss_after:.3f}"
+    answers = [e.suffix for e in World(0).eval_set("answer", recipe.high_res, recipe.eval_examples)]
     majority = max(answers.count(a) for a in set(answers)) / len(answers)
     print(metrics, "majority baseline", majority)
-    assert metrics["stage 1"]["answer"] > majority
+    assert metrics["stage 3"]["answer"] > majority + 0.1  # measured: 0.48 against 0.21
