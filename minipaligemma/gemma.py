@@ -99,11 +99,8 @@ class KVCache:
 
     `length` counts the slots already written. A forward pass over T new tokens writes slots
     [length, length + T) in every layer and attends to [0, length + T); the decoder then
-    advances `length` by T.
-
-    Beside each stored key the cache keeps what a later query needs to build its mask: the
-    key's block step (cumsum of mask_ar, see paligemma.py), whether it is a real token, and
-    its position. `record` writes those for the new slots.
+    advances `length` by T. Which cached keys a query may see is the mask's business: the
+    caller passes the mask (paligemma.py keeps what it needs to build it).
     """
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
@@ -112,39 +109,22 @@ class KVCache:
         # and memory never touched costs neither the time to zero it nor resident pages.
         self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
         self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
-        self.steps = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, max_len]
-        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
         self.length = 0
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def _end(self, new: int) -> int:
-        end = self.length + new
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
-        return end
-
-    def record(self, steps: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor):
-        """Note the new tokens' steps, validity and positions [B, T]; return those of every
-        stored key so far, [B, S] each (S = length + T)."""
-        end = self._end(steps.shape[1])
-        self.steps[:, self.length:end] = steps
-        self.valid[:, self.length:end] = valid
-        self.positions[:, self.length:end] = positions
-        return self.steps[:, :end], self.valid[:, :end], self.positions[:, :end]
-
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` [B'] in that order (repeats allowed): beam search copies each
         prompt's cache to its beams, then follows every surviving beam's parent."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]  # [L, B', K, max_len, H] each
-        self.steps, self.valid, self.positions = self.steps[rows], self.valid[rows], self.positions[rows]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v [B, K, T, H]; return all keys and values so far [B, K, S, H]."""
-        end = self._end(k.shape[2])
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
