@@ -13,9 +13,11 @@ Read top to bottom, the pieces are (paligemma-spec.md §2.3-2.4):
   n // (N / K). Queries are scaled by 1/sqrt(query_pre_attn_scalar) (head_dim, except 144 for
   Gemma 2 27B). Gemma 2 soft-caps the attention logits: 50 * tanh(logits / 50).
   `attend` is the reference: plain matrix products, soft-cap, mask and softmax, in float32.
-  Without a soft-cap (Gemma 1) the same function goes through PyTorch's fused kernel
-  (`fused_attend`, switched by FUSED_ATTENTION; the tests hold the two equal), since a fused
-  kernel cannot apply the cap.
+  The config chooses the implementation (`TextConfig.attn_implementation`, see
+  `attention_implementation`): "eager" is `attend` everywhere; "sdpa", the default, computes
+  the same function with PyTorch's fused kernel (`fused_attend`; the tests hold the two equal)
+  wherever no soft-cap applies (Gemma 1), and falls back to `attend` where one does (Gemma 2),
+  since the fused kernel cannot apply the cap.
 - GeGLU MLP: down(gelu_tanh(gate(x)) * up(x)).
 - The block: pre-norms before attention and MLP; Gemma 2 adds post-norms on their outputs.
 - The decoder: embeddings times sqrt(width) (text only: image tokens come in unscaled, see
@@ -33,11 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
-
-# Attention without a soft-cap (Gemma 1) runs PyTorch's fused kernel; False runs the reference
-# path `attend` everywhere (the tests compare the two).
-FUSED_ATTENTION = True
-
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Squash x smoothly into (-cap, cap): cap * tanh(x / cap). None leaves x unchanged."""
@@ -163,6 +160,14 @@ def fused_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                                           attn_mask=bias[:, None], scale=1.0)  # [B, N, T, H]
 
 
+def attention_implementation(cfg: TextConfig) -> str:
+    """The attention the decoder layers run: cfg.attn_implementation, except that "sdpa" (the
+    fused kernel) cannot soft-cap, so a config with an attention soft-cap runs "eager" there."""
+    if cfg.attn_implementation == "sdpa" and cfg.attn_softcap is not None:
+        return "eager"
+    return cfg.attn_implementation
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE and (Gemma 2) soft-capped logits. No biases."""
 
@@ -188,9 +193,9 @@ class Attention(nn.Module):
         k = rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, K, S, H], the past included
-        if cfg.attn_softcap is None and FUSED_ATTENTION:
+        if attention_implementation(cfg) == "sdpa":
             out = fused_attend(q, k, v, mask)  # [B, N, T, H]
-        else:
+        else:  # "eager"
             out = attend(q, k, v, mask, cfg.attn_softcap)  # [B, N, T, H]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, D]
 
