@@ -31,6 +31,7 @@ from torch import nn
 from .config import PaliGemmaConfig, TextConfig
 from .gemma import Gemma, KVCache
 from .siglip import SigLIPEncoder
+from .tokenizer import Tokenizer
 
 
 def block_mask(q_steps: torch.Tensor, q_valid: torch.Tensor, k_steps: torch.Tensor,
@@ -152,6 +153,9 @@ class PaliGemma(nn.Module):
         self.vision = SigLIPEncoder(config.vision)
         self.projector = nn.Linear(config.vision.width, config.text.width)
         self.llm = Gemma(config.text)
+        # The tokenizer that goes with the weights: `checkpoint.load` sets it when a
+        # tokenizer.model lies beside them; None for a model built here.
+        self.tokenizer: Tokenizer | None = None
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W], or frames [B, N, 3, H, W], to image tokens [B, N * P, D].
