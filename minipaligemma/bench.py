@@ -58,6 +58,7 @@ import torch
 
 from .checkpoint import hf_config_dict, load_hf_state_dict
 from .config import PaliGemmaConfig, get_config
+from .gemma import attention_implementation
 from .generate import decode, new_cache, prefill
 from .paligemma import PaliGemma
 from .tokenizer import BOS_ID
@@ -129,9 +130,10 @@ def _transformers():
 
 
 def attention_used(cfg: PaliGemmaConfig) -> dict[str, str]:
-    """Which attention each implementation runs, per tower."""
+    """Which attention each implementation runs, per tower: ours as the config chooses it
+    (`gemma.attention_implementation`), transformers' as `build_pair` sets it."""
     capped = cfg.text.attn_softcap is not None
-    return {"ours": "image: SDPA; text: " + ("reference matmuls + soft-cap" if capped else "SDPA"),
+    return {"ours": "image: sdpa; text: " + attention_implementation(cfg.text),
             "transformers": "image: sdpa; text: " + ("eager" if capped else "sdpa")}
 
 

@@ -71,6 +71,9 @@ class TextConfig:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
     attn_softcap: float | None = 50.0  # Gemma 2: attention logits capped at 50
+    # "eager": plain matmuls (the reference); "sdpa": PyTorch's fused kernel, used only where no
+    # soft-cap applies (Gemma 1); with attn_softcap set, "sdpa" runs eager. See gemma.py.
+    attn_implementation: str = "sdpa"
     final_softcap: float | None = 30.0  # Gemma 2: output logits capped at 30 (off in transfer)
     sliding_window: int | None = None  # local layers' window; None = big_vision (no window)
 
@@ -86,6 +89,8 @@ class TextConfig:
     def __post_init__(self):
         if self.version not in (1, 2):
             raise ValueError(f"Gemma version must be 1 or 2, got {self.version}")
+        if self.attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {self.attn_implementation!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 

@@ -13,9 +13,11 @@ Read top to bottom, the pieces are (paligemma-spec.md §2.3-2.4):
   n // (N / K). Queries are scaled by 1/sqrt(query_pre_attn_scalar) (head_dim, except 144 for
   Gemma 2 27B). Gemma 2 soft-caps the attention logits: 50 * tanh(logits / 50).
   `attend` is the reference: plain matrix products, soft-cap, mask and softmax, in float32.
-  Without a soft-cap (Gemma 1) the same function goes through PyTorch's fused kernel
-  (`fused_attend`, switched by FUSED_ATTENTION; the tests hold the two equal), since a fused
-  kernel cannot apply the cap.
+  The config chooses the implementation (`TextConfig.attn_implementation`, see
+  `attention_implementation`): "eager" is `attend` everywhere; "sdpa", the default, computes
+  the same function with PyTorch's fused kernel (`fused_attend`; the tests hold the two equal)
+  wherever no soft-cap applies (Gemma 1), and falls back to `attend` where one does (Gemma 2),
+  since the fused kernel cannot apply the cap.
 - GeGLU MLP: down(gelu_tanh(gate(x)) * up(x)).
 - The block: pre-norms before attention and MLP; Gemma 2 adds post-norms on their outputs.
 - The decoder: embeddings times sqrt(width) (text only: image tokens come in unscaled, see
@@ -33,11 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
-
-# Attention without a soft-cap (Gemma 1) runs PyTorch's fused kernel; False runs the reference
-# path `attend` everywhere (the tests compare the two).
-FUSED_ATTENTION = True
-
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Squash x smoothly into (-cap, cap): cap * tanh(x / cap). None leaves x unchanged."""
@@ -99,11 +96,8 @@ class KVCache:
 
     `length` counts the slots already written. A forward pass over T new tokens writes slots
     [length, length + T) in every layer and attends to [0, length + T); the decoder then
-    advances `length` by T.
-
-    Beside each stored key the cache keeps what a later query needs to build its mask: the
-    key's block step (cumsum of mask_ar, see paligemma.py), whether it is a real token, and
-    its position. `record` writes those for the new slots.
+    advances `length` by T. Which cached keys a query may see is the mask's business: the
+    caller passes the mask (paligemma.py keeps what it needs to build it).
     """
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
@@ -112,39 +106,22 @@ class KVCache:
         # and memory never touched costs neither the time to zero it nor resident pages.
         self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
         self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, B, K, max_len, H]
-        self.steps = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, max_len]
-        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
         self.length = 0
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def _end(self, new: int) -> int:
-        end = self.length + new
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
-        return end
-
-    def record(self, steps: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor):
-        """Note the new tokens' steps, validity and positions [B, T]; return those of every
-        stored key so far, [B, S] each (S = length + T)."""
-        end = self._end(steps.shape[1])
-        self.steps[:, self.length:end] = steps
-        self.valid[:, self.length:end] = valid
-        self.positions[:, self.length:end] = positions
-        return self.steps[:, :end], self.valid[:, :end], self.positions[:, :end]
-
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` [B'] in that order (repeats allowed): beam search copies each
         prompt's cache to its beams, then follows every surviving beam's parent."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]  # [L, B', K, max_len, H] each
-        self.steps, self.valid, self.positions = self.steps[rows], self.valid[rows], self.positions[rows]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new k, v [B, K, T, H]; return all keys and values so far [B, K, S, H]."""
-        end = self._end(k.shape[2])
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -183,6 +160,14 @@ def fused_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                                           attn_mask=bias[:, None], scale=1.0)  # [B, N, T, H]
 
 
+def attention_implementation(cfg: TextConfig) -> str:
+    """The attention the decoder layers run: cfg.attn_implementation, except that "sdpa" (the
+    fused kernel) cannot soft-cap, so a config with an attention soft-cap runs "eager" there."""
+    if cfg.attn_implementation == "sdpa" and cfg.attn_softcap is not None:
+        return "eager"
+    return cfg.attn_implementation
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE and (Gemma 2) soft-capped logits. No biases."""
 
@@ -208,9 +193,9 @@ class Attention(nn.Module):
         k = rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, K, S, H], the past included
-        if cfg.attn_softcap is None and FUSED_ATTENTION:
+        if attention_implementation(cfg) == "sdpa":
             out = fused_attend(q, k, v, mask)  # [B, N, T, H]
-        else:
+        else:  # "eager"
             out = attend(q, k, v, mask, cfg.attn_softcap)  # [B, N, T, H]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, D]
 

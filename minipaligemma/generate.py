@@ -42,9 +42,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .gemma import KVCache
 from .image import preprocess
-from .paligemma import PaliGemma
+from .paligemma import PaliGemma, PaliGemmaCache
 from .tokenizer import EOS_ID, PAD_ID, Tokenizer, encode_example, pad_batch
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> token ids [B]
@@ -102,20 +101,21 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 # ---------------------------------------------------------------------------------------------
 # The two model calls of decoding.
 
-def new_cache(model: PaliGemma, pixel_values: torch.Tensor, prompt_len: int, max_new_tokens: int) -> KVCache:
-    """A KV cache for images [B, 3, H, W] (or [B, frames, 3, H, W]), prompts of prompt_len tokens
-    and up to max_new_tokens new ones, in the model's dtype and on its device."""
+def new_cache(model: PaliGemma, pixel_values: torch.Tensor, prompt_len: int, max_new_tokens: int) -> PaliGemmaCache:
+    """A cache (keys, values and what the masks need of them) for images [B, 3, H, W] (or
+    [B, frames, 3, H, W]), prompts of prompt_len tokens and up to max_new_tokens new ones, in the
+    model's dtype and on its device."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     frames = pixel_values.shape[1] if pixel_values.dim() == 5 else 1
     weight = next(model.parameters())
     size = frames * model.config.num_image_tokens + prompt_len + max_new_tokens
-    return KVCache(model.config.text, pixel_values.shape[0], size, weight.dtype, weight.device)
+    return PaliGemmaCache(model.config.text, pixel_values.shape[0], size, weight.dtype, weight.device)
 
 
 @torch.inference_mode()
 def prefill(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor, mask_ar: torch.Tensor,
-            mask_input: torch.Tensor, cache: KVCache) -> torch.Tensor:
+            mask_input: torch.Tensor, cache: PaliGemmaCache) -> torch.Tensor:
     """Encode the images, run the prompts [B, T] into the empty cache; return the float32 logits
     [B, V] at each row's last real prompt token, which predict the first new token."""
     states = model.text_states(pixel_values, input_ids, mask_ar, mask_input, cache)  # [B, T, D]
@@ -124,7 +124,7 @@ def prefill(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tenso
 
 
 @torch.inference_mode()
-def extend(model: PaliGemma, tokens: torch.Tensor, cache: KVCache,
+def extend(model: PaliGemma, tokens: torch.Tensor, cache: PaliGemmaCache,
            real: torch.Tensor | None = None) -> torch.Tensor:
     """Feed one new token per row [B] as a causal step after everything cached; return the
     float32 logits [B, V] for the token after it. `real` [B] (default all True) marks rows whose

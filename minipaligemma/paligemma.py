@@ -14,6 +14,10 @@ The sequence the decoder reads is (paligemma-spec.md §3.1)
   form one block that sees itself both ways (image + prefix); each mask_ar = 1 token starts a
   new step, so the suffix is causal.
 - Positions are 0-based over the whole sequence, real tokens only: cumsum(mask_input) - 1.
+- Decoding with a cache (`PaliGemmaCache`) continues the sequence a few tokens at a time: the
+  decoder's `KVCache` keeps the keys and values, and a `MaskCache` beside it keeps each cached
+  key's step, validity and position, from which the new tokens' steps, positions and masks
+  follow.
 - Logits are returned for the text positions only, as big_vision does.
 - The loss is next-token cross-entropy on the suffix only (`mask_loss`), averaged per example
   and then over the batch, as big_vision does; transformers instead averages over all
@@ -24,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PaliGemmaConfig
+from .config import PaliGemmaConfig, TextConfig
 from .gemma import Gemma, KVCache
 from .siglip import SigLIPEncoder
+from .tokenizer import Tokenizer
 
 
 def block_mask(q_steps: torch.Tensor, q_valid: torch.Tensor, k_steps: torch.Tensor,
@@ -63,6 +68,60 @@ def sliding_window_mask(mask: torch.Tensor, q_positions: torch.Tensor, k_positio
     return mask & (near | same_block)
 
 
+class MaskCache:
+    """What later queries need to know of every cached key to build their masks: its block step
+    (cumsum of mask_ar), whether it is a real token, and its position (for the sliding window).
+    Allocated once for `max_len` keys, as the KV cache beside it; `length` counts those noted."""
+
+    def __init__(self, batch_size: int, max_len: int, device=None):
+        self.steps = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, max_len]
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)  # [B, max_len]
+        self.length = 0
+
+    def last_step_and_count(self) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+        """The step of the last key and the number of real keys so far, [B, 1] each (0 and 0 when
+        empty): new tokens continue both."""
+        if self.length == 0:
+            return 0, 0
+        return self.steps[:, self.length - 1:self.length], self.valid[:, :self.length].sum(dim=1, keepdim=True)
+
+    def append(self, steps: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor):
+        """Note the new keys' steps, validity and positions [B, T]; return those of every key so
+        far, [B, S] each (S = length + T)."""
+        end = self.length + steps.shape[1]
+        if end > self.steps.shape[1]:
+            raise ValueError(f"the cache holds {self.steps.shape[1]} positions; {end} were asked for")
+        self.steps[:, self.length:end] = steps
+        self.valid[:, self.length:end] = valid
+        self.positions[:, self.length:end] = positions
+        self.length = end
+        return self.steps[:, :end], self.valid[:, :end], self.positions[:, :end]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` [B'] in that order, as `KVCache.select_rows` does."""
+        self.steps, self.valid, self.positions = self.steps[rows], self.valid[rows], self.positions[rows]
+
+
+class PaliGemmaCache:
+    """What decoding carries from one model call to the next: the decoder's keys and values
+    (`kv`) and what the masks need to know of them (`mask`), both for `max_len` positions."""
+
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        self.kv = KVCache(cfg, batch_size, max_len, dtype, device)
+        self.mask = MaskCache(batch_size, max_len, device)
+
+    @property
+    def length(self) -> int:
+        """Positions held so far."""
+        return self.kv.length
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` [B'] in that order (repeats allowed), keys and masks alike."""
+        self.kv.select_rows(rows)
+        self.mask.select_rows(rows)
+
+
 def prefix_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask_loss: torch.Tensor,
                    reduction: str = "example", label_smoothing: float = 0.0) -> torch.Tensor:
     """Next-token cross-entropy on the supervised tokens (the suffix).
@@ -94,6 +153,9 @@ class PaliGemma(nn.Module):
         self.vision = SigLIPEncoder(config.vision)
         self.projector = nn.Linear(config.vision.width, config.text.width)
         self.llm = Gemma(config.text)
+        # The tokenizer that goes with the weights: `checkpoint.load` sets it when a
+        # tokenizer.model lies beside them; None for a model built here.
+        self.tokenizer: Tokenizer | None = None
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W], or frames [B, N, 3, H, W], to image tokens [B, N * P, D].
@@ -106,19 +168,19 @@ class PaliGemma(nn.Module):
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])  # [B, N * P, D]
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, mask_ar: torch.Tensor,
-                mask_input: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                mask_input: torch.Tensor | None = None, cache: PaliGemmaCache | None = None) -> torch.Tensor:
         """Text logits [B, T, V] for images and text ids [B, T] laid out as in the docstring above.
 
         mask_ar [B, T]: 0 = part of the bidirectional prefix block, 1 = a causal step.
         mask_input [B, T]: 1 = real token, 0 = padding (default: all real).
-        With a KVCache the tokens continue the sequence the cache already holds, and are
+        With a PaliGemmaCache the tokens continue the sequence the cache already holds, and are
         stored in it: the first call (prefill) passes the images, later calls (extend) pass
         None and only the new text tokens.
         """
         return self.llm.logits(self.text_states(pixel_values, input_ids, mask_ar, mask_input, cache))
 
     def text_states(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, mask_ar: torch.Tensor,
-                    mask_input: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                    mask_input: torch.Tensor | None = None, cache: PaliGemmaCache | None = None) -> torch.Tensor:
         """The decoder's final states [B, T, D] at the text tokens (arguments as in forward).
 
         forward() turns all of them into logits; a prefill needs the logits of one position per
@@ -138,18 +200,15 @@ class PaliGemma(nn.Module):
             valid = torch.cat([valid.new_ones(x.shape[0], num_image), valid], dim=1)  # [B, P + T]
 
         # Block steps and 0-based positions (real tokens only), continuing the cached ones.
-        step0 = pos0 = 0
-        if cache is not None and cache.length > 0:
-            step0 = cache.steps[:, cache.length - 1:cache.length]  # [B, 1]
-            pos0 = cache.valid[:, :cache.length].sum(dim=1, keepdim=True)  # [B, 1]
+        step0, pos0 = (0, 0) if cache is None else cache.mask.last_step_and_count()  # [B, 1] each
         steps = step0 + torch.cumsum(mask_ar, dim=1)  # [B, S_new]
         positions = (pos0 + torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)  # [B, S_new]
-        keys = (steps, valid, positions) if cache is None else cache.record(steps, valid, positions)
+        keys = (steps, valid, positions) if cache is None else cache.mask.append(steps, valid, positions)
         k_steps, k_valid, k_positions = keys  # [B, S_all] each
 
         mask = block_mask(steps, valid, k_steps, k_valid)  # [B, S_new, S_all]
         window = self.config.text.sliding_window
         local_mask = None if window is None else sliding_window_mask(
             mask, positions, k_positions, steps, k_steps, window)
-        hidden = self.llm(x, positions, mask, local_mask, cache)  # [B, S_new, D]
+        hidden = self.llm(x, positions, mask, local_mask, None if cache is None else cache.kv)  # [B, S_new, D]
         return hidden[:, num_image:]  # [B, T, D]

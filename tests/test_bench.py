@@ -4,6 +4,7 @@ measuring helpers are right, and every fast path computes what the reference pat
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ import torch
 from minipaligemma import PaliGemma, get_config
 from minipaligemma import gemma
 from minipaligemma.__main__ import main
-from minipaligemma.bench import (TokenClock, cases, decode_step_bytes, default_configs, peak_memory_mib,
-                                 take_turns, train_flops)
+from minipaligemma.bench import (TokenClock, attention_used, cases, decode_step_bytes, default_configs,
+                                 peak_memory_mib, take_turns, train_flops)
 from minipaligemma.generate import decode
 from minipaligemma.paligemma import make_attn_mask
 
@@ -167,36 +168,56 @@ def padded_inputs(cfg, seed=0):
     return pixels, ids, mask_ar, mask_input
 
 
-def test_gemma1_model_with_fused_attention_equals_reference_path(gemma1_model, monkeypatch):
+def with_attention(model: PaliGemma, implementation: str) -> PaliGemma:
+    """The same weights in a model whose config asks for another attention implementation."""
+    cfg = model.config
+    twin = PaliGemma(replace(cfg, text=replace(cfg.text, attn_implementation=implementation))).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def test_gemma1_model_with_fused_attention_equals_reference_path(gemma1_model):
     """A padded prefix + suffix batch, then cached decoding, with and without the fused kernel."""
     cfg = gemma1_model.config
     pixels, ids, mask_ar, mask_input = padded_inputs(cfg)
     prompt = (ids[:, :4], torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
 
-    def run():
+    def run(model):
         with torch.no_grad():
-            logits = gemma1_model(pixels, ids, mask_ar, mask_input)  # [B, T, V]
-        tokens = decode(gemma1_model, pixels, *prompt, max_new_tokens=6, eos_id=-1)  # [B, 6]
+            logits = model(pixels, ids, mask_ar, mask_input)  # [B, T, V]
+        tokens = decode(model, pixels, *prompt, max_new_tokens=6, eos_id=-1)  # [B, 6]
         return logits, tokens
 
-    monkeypatch.setattr(gemma, "FUSED_ATTENTION", False)
-    plain_logits, plain_tokens = run()
-    monkeypatch.setattr(gemma, "FUSED_ATTENTION", True)
-    fused_logits, fused_tokens = run()
+    plain_logits, plain_tokens = run(with_attention(gemma1_model, "eager"))
+    fused_logits, fused_tokens = run(with_attention(gemma1_model, "sdpa"))
     real = mask_input.bool()
     assert (fused_logits - plain_logits)[real].abs().max() < 1e-5
     assert torch.equal(fused_tokens, plain_tokens)
 
 
-def test_decoder_layers_take_the_fused_path_only_without_soft_cap(monkeypatch):
+def fused_calls(text_cfg, monkeypatch) -> list[str]:
+    """The calls a decoder built from text_cfg makes to the fused kernel in one forward pass."""
     calls = []
     monkeypatch.setattr(gemma, "fused_attend", lambda *args: calls.append("fused") or gemma.attend(*args, None))
+    model = gemma.Gemma(text_cfg).eval()
+    x, positions = torch.randn(1, 3, text_cfg.width), torch.arange(3)[None]
+    with torch.no_grad():
+        model(x, positions, make_attn_mask(torch.ones(1, 3), torch.ones(1, 3)))
+    return calls
+
+
+def test_decoder_layers_take_the_fused_path_only_without_soft_cap(monkeypatch):
     for preset, expected in (("tiny-gemma1", ["fused"] * 2), ("tiny", [])):
-        cfg = get_config(preset)
-        calls.clear()
-        model = gemma.Gemma(cfg.text).eval()
-        x, positions = torch.randn(1, 3, cfg.text.width), torch.arange(3)[None]
-        with torch.no_grad():
-            model(x, positions, make_attn_mask(torch.ones(1, 3), torch.ones(1, 3)))
+        calls = fused_calls(get_config(preset).text, monkeypatch)
         assert calls == expected, preset
 
+
+def test_the_config_chooses_the_attention_implementation(monkeypatch):
+    """"sdpa" is the default; "eager" keeps a Gemma 1 decoder off the fused kernel; a soft-capped
+    decoder runs eager whatever it asks. The bench reports what each one runs."""
+    gemma1, gemma2 = get_config("tiny-gemma1"), get_config("tiny")
+    eager1 = replace(gemma1, text=replace(gemma1.text, attn_implementation="eager"))
+    assert gemma1.text.attn_implementation == gemma2.text.attn_implementation == "sdpa"
+    assert fused_calls(eager1.text, monkeypatch) == []
+    assert [attention_used(c)["ours"] for c in (gemma1, eager1, gemma2)] == [
+        "image: sdpa; text: sdpa", "image: sdpa; text: eager", "image: sdpa; text: eager"]

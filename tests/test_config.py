@@ -46,3 +46,10 @@ def test_bad_configs_are_rejected_with_a_reason():
         TextConfig(num_heads=8, num_kv_heads=3)
     with pytest.raises(KeyError, match="unknown preset"):
         get_config("paligemma-7b")
+
+
+def test_attention_implementation_is_a_named_choice():
+    assert get_config("paligemma-3b-224").text.attn_implementation == "sdpa"  # the default
+    assert TextConfig(attn_implementation="eager").attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attn_implementation must be 'eager' or 'sdpa', got 'flash'"):
+        TextConfig(attn_implementation="flash")
