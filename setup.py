@@ -18,9 +18,9 @@ setup(
         "pillow",
         "tqdm",
         "safetensors",
+        "matplotlib",
     ],
     extras_require={
-        "plot": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "transformers>=5", "protobuf", "nbmake", "matplotlib"],
+        "test": ["pytest", "hypothesis", "transformers>=5", "protobuf", "nbmake"],
     },
 )

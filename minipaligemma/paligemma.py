@@ -130,18 +130,18 @@ def prefix_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask_loss: tor
     is 1 (so the "\\n" separator's logit predicts the first suffix token).
     reduction "example" (big_vision): mean over each example's supervised tokens, then mean
     over the batch, so a short answer weighs as much as a long one. "token" (transformers):
-    mean over every supervised token of the batch.
+    mean over every supervised token of the batch. "none": the per-example means [B].
     """
     targets = input_ids[:, 1:]  # [B, T-1]
     weights = mask_loss[:, 1:].float()  # [B, T-1]
     token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets,
                                  reduction="none", label_smoothing=label_smoothing)  # [B, T-1]
-    if reduction == "example":
+    if reduction in ("example", "none"):
         per_example = (token_loss * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B]
-        return per_example.mean()
+        return per_example.mean() if reduction == "example" else per_example
     if reduction == "token":
         return (token_loss * weights).sum() / weights.sum().clamp(min=1)
-    raise ValueError(f"reduction must be 'example' or 'token', got {reduction!r}")
+    raise ValueError(f"reduction must be 'example', 'token' or 'none', got {reduction!r}")
 
 
 class PaliGemma(nn.Module):

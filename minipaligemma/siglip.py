@@ -14,7 +14,6 @@ Module names follow the roles in the paper and big_vision; checkpoint.py maps th
 names onto them.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -106,67 +105,3 @@ class SigLIPEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)  # [B, N, D]
         return self.norm(x)  # [B, N, D]
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 0 at toy scale: contrastive pretraining of the image encoder, SigLIP style.
-#
-# PaliGemma starts from an image encoder pretrained by SigLIP: images and their captions are
-# embedded by two towers, and every (image, text) pair of a batch is classified independently
-# as matching or not with a sigmoid, instead of a softmax over the batch. The text tower and
-# the pooled heads exist only for this stage; PaliGemma keeps the image encoder alone.
-
-class TextEncoder(nn.Module):
-    """A small transformer over token ids [B, T] -> one embedding per text [B, E], taken at
-    the last real token (the EOS), like SigLIP's "last" pooling."""
-
-    def __init__(self, cfg: VisionConfig, vocab_size: int, max_len: int, embed_dim: int):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, cfg.width)
-        self.pos_embed = nn.Parameter(torch.randn(max_len, cfg.width) * cfg.width**-0.5)
-        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.width, embed_dim)
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids) + self.pos_embed[: input_ids.shape[1]]  # [B, T, W]
-        for block in self.blocks:
-            x = block(x)  # [B, T, W]
-        last = self.norm(x)[torch.arange(x.shape[0]), lengths - 1]  # [B, W]
-        return self.head(last)  # [B, E]
-
-
-class SigLIP(nn.Module):
-    """Two towers and the sigmoid loss's learned temperature and bias."""
-
-    def __init__(self, image: SigLIPEncoder, text: TextEncoder, embed_dim: int):
-        super().__init__()
-        self.image = image
-        self.image_head = nn.Linear(image.config.width, embed_dim)  # on mean-pooled tokens
-        self.text = text
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP's initial t = 10
-        self.bias = nn.Parameter(torch.tensor(-10.0))  # and b = -10: most pairs are negatives
-
-    def forward(self, pixel_values, input_ids, lengths) -> torch.Tensor:
-        """The sigmoid loss of a batch of matching (image, text) pairs."""
-        zimg = F.normalize(self.image_head(self.image(pixel_values).mean(dim=1)), dim=-1)  # [B, E]
-        ztxt = F.normalize(self.text(input_ids, lengths), dim=-1)  # [B, E]
-        return sigmoid_loss(zimg, ztxt, self.log_temperature.exp(), self.bias)
-
-
-def sigmoid_loss(zimg: torch.Tensor, ztxt: torch.Tensor, temperature, bias) -> torch.Tensor:
-    """SigLIP's loss: every pair (i, j) is a binary problem, positive iff i == j.
-
-    logits = t * zimg @ ztxt^T + b; loss = -mean over images of sum over texts of
-    log sigmoid(label * logit), label +1 on the diagonal and -1 elsewhere.
-    """
-    logits = temperature * zimg @ ztxt.T + bias  # [B, B]
-    labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # [B, B], +1 / -1
-    return -F.logsigmoid(labels * logits).sum() / len(logits)
-
-
-def softmax_contrastive_loss(zimg: torch.Tensor, ztxt: torch.Tensor, temperature) -> torch.Tensor:
-    """CLIP's loss, for comparison: cross-entropy over the batch, image->text and text->image."""
-    logits = temperature * zimg @ ztxt.T  # [B, B]
-    targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

@@ -40,6 +40,8 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 import torch
 
+from .files import atomic_write
+
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 NUM_LOC_TOKENS = 1024
 NUM_SEG_TOKENS = 128
@@ -118,8 +120,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model, <loc>/<seg> pieces included, as a `tokenizer.model` file."""
-        with open(path, "wb") as f:
-            f.write(self.model_proto)
+        atomic_write(path, lambda f: f.write(self.model_proto))
 
     # Gemma's special ids, checked when the model is loaded.
     @property

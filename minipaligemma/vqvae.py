@@ -42,9 +42,9 @@ Design choices:
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .files import atomic_write
+from .schedules import cosine_schedule
 
 MASK_SIZE = 64  # masks are resized to 64x64 before encoding
 GRID_SIZE = 4  # four stride-2 layers: 64 -> 4, so 4x4 = 16 codes per mask
@@ -380,10 +381,7 @@ def train_vqvae(
     torch.manual_seed(seed)
     model = MaskVQVAE(config).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(cosine_schedule, total=steps, warmup_fraction=0.1))
     codebook = model.codebook.vectors
     used = torch.zeros(config.num_codes, dtype=torch.bool)
     batches = iter(mask_batches)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from minipaligemma import get_config
-from minipaligemma.siglip import SigLIP, SigLIPEncoder, TextEncoder, sigmoid_loss, softmax_contrastive_loss
+from minipaligemma.pretrain import SigLIP, TextEncoder, sigmoid_loss, softmax_contrastive_loss
+from minipaligemma.siglip import SigLIPEncoder
 
 
 def test_sigmoid_loss_equals_the_pairwise_definition():

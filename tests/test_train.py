@@ -3,9 +3,12 @@ shortened pipeline that must learn."""
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,10 +20,12 @@ from safetensors.torch import load_file
 from minipaligemma import PaliGemma, get_config
 from minipaligemma.checkpoint import at_resolution, load, to_hf_state_dict, write_hf_folder
 from minipaligemma.data import STAGE1_MIXTURE, STAGE2_MIXTURE, World
+from minipaligemma.files import BadInput
+from minipaligemma.loop import ParamGroup, TrainingDiverged, fit, load_checkpoint, read_log
+from minipaligemma.plots import save_figure, stage_figure, stages_figure
+from minipaligemma.schedules import cosine_schedule, rsqrt_schedule
 from minipaligemma.tokenizer import Tokenizer, train_tokenizer
-from minipaligemma.train import (RECIPES, ParamGroup, Trainer, TrainingDiverged, cosine_schedule, fit,
-                                 load_checkpoint, paligemma_batch, paligemma_step_loss, plot_losses,
-                                 rsqrt_schedule, run, world_examples)
+from minipaligemma.train import RECIPES, paligemma_batch, paligemma_step_loss, run, world_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,25 +54,40 @@ def tiny_model(tokenizer, size=32):
     return PaliGemma(cfg)
 
 
-def world_fit(model, tokenizer, checkpoint, steps, stop_after=None, loss_hook=None, fsdp=False):
+class Crash(Exception):
+    """Raised by a test's loss function to end a run the way a crash would."""
+
+
+def crash_at(step):
+    """A loss hook that lets steps before `step` through and crashes at `step`."""
+    def hook(loss, t):
+        if t == step:
+            raise Crash(f"crashed at step {t}")
+        return loss
+    return hook
+
+
+def world_fit(model, tokenizer, checkpoint, steps, loss_hook=None, fsdp=False):
     """A few steps of stage 1 on the world (no segment: it needs a VQ-VAE)."""
     world = World(0)
     mixture = {k: v for k, v in STAGE1_MIXTURE.items() if k != "segment"}
 
     def loss_fn(trained, t):
-        batch = paligemma_batch(world_examples(world, 32, mixture, 8, 0, t), tokenizer, 32, "cpu")
-        loss, tokens = paligemma_step_loss(trained, batch, model.config.num_image_tokens, False)
-        return (loss_hook(loss, t) if loss_hook else loss), tokens
+        examples = world_examples(world, 32, mixture, 8, 0, t)
+        batch = paligemma_batch(examples, tokenizer, 32, "cpu")
+        step = paligemma_step_loss(trained, batch, model.config.num_image_tokens, False, [e.task for e in examples])
+        return step._replace(loss=loss_hook(step.loss, t)) if loss_hook else step
 
     groups = [ParamGroup("all", list(model.parameters()), 1e-3, lambda t: 1.0)]
-    return fit(model, groups, loss_fn, steps, checkpoint, "test", checkpoint_every=2, fsdp=fsdp, stop_after=stop_after)
+    return fit(model, groups, loss_fn, steps, checkpoint, "test", checkpoint_every=2, fsdp=fsdp)
 
 
 def test_resumed_run_ends_with_the_same_weights(tokenizer, tmp_path):
     straight = tiny_model(tokenizer)
     losses = world_fit(straight, tokenizer, tmp_path / "a.safetensors", steps=6)
     crashed = tiny_model(tokenizer)
-    world_fit(crashed, tokenizer, tmp_path / "b.safetensors", steps=6, stop_after=3)  # dies after step 3
+    with pytest.raises(Crash):
+        world_fit(crashed, tokenizer, tmp_path / "b.safetensors", steps=6, loss_hook=crash_at(3))  # dies in step 3
     assert json.loads((tmp_path / "b.json").read_text())["step"] == 2  # last checkpoint: step 2
     resumed = tiny_model(tokenizer)  # a fresh process: new model, state from the checkpoint
     resumed_losses = world_fit(resumed, tokenizer, tmp_path / "b.safetensors", steps=6)
@@ -88,10 +108,112 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tokenizer, t
     assert not list(tmp_path.glob("*.tmp"))  # nothing half-written left behind
 
 
-def test_loss_curve_png(tmp_path):
-    plot_losses([3.0, 2.0, 1.5, 1.0], tmp_path / "loss.png", "test")
-    image = Image.open(tmp_path / "loss.png")
-    assert image.size == (640, 360) and len(image.getcolors(maxcolors=1 << 16)) > 2
+def test_step_log_follows_the_checkpoint(tokenizer, tmp_path):
+    """Every step has one JSONL line (loss, loss per task, learning rate, tokens/s); after a
+    crash and a resume the log holds each step exactly once, with the resumed run's losses."""
+    crashed = tiny_model(tokenizer)
+    with pytest.raises(Crash):
+        world_fit(crashed, tokenizer, tmp_path / "c.safetensors", steps=6, loss_hook=crash_at(5))
+    assert [r["step"] for r in read_log(tmp_path / "c.jsonl", 10)] == [0, 1, 2, 3]  # written with checkpoint 4
+    losses = world_fit(tiny_model(tokenizer), tokenizer, tmp_path / "c.safetensors", steps=6)
+    records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6))
+    assert [r["loss"] for r in records] == losses
+    for r in records:
+        assert r["lr"] == {"all": 1e-3} and r["tokens_per_s"] > 0
+        assert set(r["task_losses"]) <= {"caption", "describe", "answer", "detect", "ocr"} and r["task_losses"]
+    # The batch mean is the mean of the per-task means weighted by how many examples each has.
+    examples = world_examples(World(0), 32, {k: v for k, v in STAGE1_MIXTURE.items() if k != "segment"}, 8, 0, 0)
+    counts = {t: [e.task for e in examples].count(t) for t in records[0]["task_losses"]}
+    weighted = sum(records[0]["task_losses"][t] * n for t, n in counts.items()) / 8
+    assert weighted == pytest.approx(records[0]["loss"], rel=1e-5)
+
+
+def test_pictures_of_a_run(tmp_path):
+    """The stage picture has labelled axes, the raw and smoothed loss, one line per task and per
+    parameter group, and the metrics; the run picture has one bar per (stage, task)."""
+    records = [{"step": t, "loss": 3.0 / (1 + t), "task_losses": {"ocr": 3.5 / (1 + t), "answer": 2.5 / (1 + t)},
+                "lr": {"img": 1e-4 * t, "llm": 1e-3}, "tokens_per_s": 100.0} for t in range(100)]
+    metrics = {"ocr": 0.5, "answer": 0.25}
+    fig = stage_figure(records, "stage 1", metrics)
+    loss_ax, lr_ax, metric_ax = fig.axes
+    assert loss_ax.get_xlabel() == "step" and "loss" in loss_ax.get_ylabel()
+    assert lr_ax.get_xlabel() == "step" and lr_ax.get_ylabel() == "learning rate"
+    assert [line.get_label() for line in loss_ax.lines] == ["loss per step", "mean of 5 steps", "answer", "ocr"]
+    assert len(loss_ax.lines[0].get_xdata()) == 100 and len(loss_ax.lines[1].get_xdata()) == 96
+    assert [line.get_label() for line in lr_ax.lines] == ["img", "llm"]
+    assert [round(p.get_height(), 3) for p in metric_ax.patches] == [0.5, 0.25]
+    save_figure(fig, tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size[0] > 1000 and not list(tmp_path.glob("*.tmp"))
+    run_fig = stages_figure({"stage 1": {"ocr": 0.1, "answer": 0.2}, "stage 2": {"ocr": 0.3, "answer": 0.2}})
+    heights = [round(p.get_height(), 3) for p in run_fig.axes[0].patches]
+    assert heights == [0.2, 0.1, 0.2, 0.3]  # stage 1's bars (answer, ocr), then stage 2's
+
+
+def test_a_damaged_checkpoint_is_an_error_and_is_kept(tokenizer, tmp_path):
+    """Resuming from a truncated checkpoint names the file and leaves it as it is, rather than
+    silently starting again from step 0 and overwriting it."""
+    world_fit(tiny_model(tokenizer), tokenizer, tmp_path / "d.safetensors", steps=2)
+    data = (tmp_path / "d.safetensors").read_bytes()
+    (tmp_path / "d.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInput, match=r"d.safetensors: not a readable training checkpoint.*delete it"):
+        world_fit(tiny_model(tokenizer), tokenizer, tmp_path / "d.safetensors", steps=4)
+    assert (tmp_path / "d.safetensors").read_bytes() == data[: len(data) // 2]
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import sys
+    from dataclasses import replace
+    from minipaligemma.train import RECIPES, run
+    recipe = replace(RECIPES["tiny"], vqvae_steps=20, siglip_steps=8, lm_steps=8, stage1_steps=12, stage2_steps=6,
+                     stage3_steps=6, eval_examples=4, checkpoint_every=2, vision_warmup_steps=6)
+    run(recipe, sys.argv[1], stages=(0, 1, 2, 3), task="answer")
+""")
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    """What a run must reproduce exactly: every exported model, metrics and trainer state."""
+    names = [p for p in sorted(out.rglob("*")) if p.name in ("model.safetensors", "metrics.json", "checkpoint.json",
+                                                           "tokenizer.model", "vqvae.safetensors")]
+    return {str(p.relative_to(out)): p.read_bytes() for p in names}
+
+
+def test_killed_runs_resume_to_the_same_result(tmp_path):
+    """A shortened run of all four stages, killed with SIGKILL three times (once while a file is
+    being written, twice at random moments) and started again with the same command each time,
+    ends with exactly the files of an uninterrupted run, and leaves no temporary file behind."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, str(script)]
+    started = time.monotonic()
+    subprocess.run([*command, str(tmp_path / "straight")], check=True, env=env, timeout=600, capture_output=True)
+    duration = time.monotonic() - started
+
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = []
+    for moment in ("during a write", rng.uniform(0.3, 0.9) * duration, rng.uniform(0.3, 0.9) * duration):
+        process = subprocess.Popen([*command, str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        begun = time.monotonic()
+        while process.poll() is None and time.monotonic() - begun < 600:
+            if moment == "during a write":
+                if time.monotonic() - begun > 3 and any(out.rglob("*.tmp")):
+                    break
+            elif time.monotonic() - begun > moment:
+                break
+            time.sleep(0.001)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills.append(moment)
+        process.wait()
+    subprocess.run([*command, str(out)], check=True, env=env, timeout=600, capture_output=True)
+    print(f"uninterrupted run {duration:.1f} s; killed at {kills}")
+    assert "during a write" in kills and len(kills) >= 2
+    straight, resumed = _run_files(tmp_path / "straight"), _run_files(out)
+    assert len(straight) == 16 and straight.keys() == resumed.keys()
+    assert [name for name in straight if straight[name] != resumed[name]] == []
+    assert not list(out.rglob("*.tmp"))
 
 
 DISTRIBUTED_SCRIPT = textwrap.dedent("""
@@ -101,7 +223,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_train import tiny_model, world_fit
     from minipaligemma.tokenizer import Tokenizer
-    from minipaligemma.train import init_distributed, rank_and_world
+    from minipaligemma.distributed import init_distributed, rank_and_world
     init_distributed()
     torch.manual_seed(0)
     model = tiny_model(Tokenizer.from_file({tokenizer!r}))
