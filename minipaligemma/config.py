@@ -6,8 +6,8 @@ A PaliGemma model is two towers joined by one linear layer:
     TextConfig     the Gemma decoder: Gemma 1 2B (PaliGemma 1) or Gemma 2 2B/9B/27B (PaliGemma 2)
     PaliGemmaConfig  both, plus nothing else: the projector's shape follows from the two widths.
 
-Every number below comes from paligemma-spec.md §1 (big_vision's configs and the official
-checkpoints). `get_config(name)` returns a preset; `dataclasses.replace` derives variants, e.g.
+Every number below comes from big_vision's configs and the official checkpoints; docs/architecture.md
+§2-§6 lists them with their sources. `get_config(name)` returns a preset; `dataclasses.replace` derives variants, e.g.
 `replace(cfg, vision=replace(cfg.vision, image_size=448))`.
 
 Two choices that differ between implementations are explicit fields here:
@@ -108,7 +108,7 @@ class PaliGemmaConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets. The official ones come from paligemma-spec.md §1.1-1.2.
+# Presets. The official ones: docs/architecture.md §2.1 (SigLIP) and §4.1 (the decoders).
 
 def _gemma_2b() -> TextConfig:
     """Gemma 1 2B, the decoder of PaliGemma 1: multi-query attention, no soft-caps."""

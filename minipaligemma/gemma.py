@@ -1,6 +1,6 @@
 """The Gemma decoder (Gemma 1 and Gemma 2), as PaliGemma uses it.
 
-Read top to bottom, the pieces are (paligemma-spec.md §2.3-2.4):
+Read top to bottom, the pieces are (docs/architecture.md §4):
 
 - RMSNorm with a `(1 + w)` gain: the stored weight `w` starts at zero, so a fresh norm is the
   identity gain. Computed in float32 whatever the model dtype, because the mean of squares
@@ -239,7 +239,7 @@ class Gemma(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
-        nn.init.normal_(self.embed.weight, std=0.02)  # small, as the tied output reads it too (P1 §5.3)
+        nn.init.normal_(self.embed.weight, std=0.02)  # small, as the tied output reads it too (PaliGemma paper §5.3; docs/architecture.md §4.7)
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.depth))
         self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
 

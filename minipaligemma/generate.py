@@ -1,6 +1,6 @@
 r"""Decoding: turn an image and a prompt into new tokens, one at a time, with a KV cache.
 
-The loop follows big_vision's two phases (paligemma-spec.md §3.3):
+The loop follows big_vision's two phases (docs/sequence-and-masks.md §5):
 
     prefill  the image tokens and the whole prompt go through the model once, filling the KV
              cache; the logit at each row's last real prompt token predicts the first new token.
@@ -34,7 +34,7 @@ Design choices:
   returns the best of its prefixes + EOS, which scores at least as high as greedy's answer when
   greedy ends with EOS. Each step gathers the cache rows of the surviving beams' parents.
 - Logits are the model's as configured: with Gemma 2's final soft-cap on, every step is capped.
-  (big_vision leaves the first step uncapped, paligemma-spec.md §8.5; greedy decoding cannot
+  (big_vision leaves the first step uncapped, docs/differences.md §5; greedy decoding cannot
   tell, sampling and beam scores can.)
 """
 

@@ -1,6 +1,6 @@
 """PaliGemma: SigLIP image tokens in front of Gemma text tokens, one prefix-LM.
 
-The sequence the decoder reads is (paligemma-spec.md §3.1)
+The sequence the decoder reads is (docs/sequence-and-masks.md §1)
 
     [image tokens] [BOS prefix "\\n"] [suffix EOS] [PAD ...]
     \\_______ one bidirectional block _______/ \\__ causal __/

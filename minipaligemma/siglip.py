@@ -1,6 +1,6 @@
 """The SigLIP image encoder (a ViT), as PaliGemma uses it.
 
-An image becomes a sequence of tokens in four steps (paligemma-spec.md §2.2):
+An image becomes a sequence of tokens in four steps (docs/architecture.md §2):
 
 1. A 14x14 convolution with stride 14 cuts the image into patches and embeds each one
    (224 px -> a 16x16 grid -> 256 tokens, read row by row).

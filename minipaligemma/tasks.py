@@ -2,7 +2,7 @@
 
 PaliGemma answers `detect a ; b` with one object per box, `<locA><locB><locC><locD> label`,
 objects separated by " ; ", and `segment x` with the 4 `<loc>` tokens followed by 16 `<seg>`
-tokens (and the label in pretraining-style outputs) (spec §5.2, §5.3). This module parses such
+tokens (and the label in pretraining-style outputs) (docs/tasks.md §3, §4). This module parses such
 text into `TaskObject`s, builds the same strings from boxes and masks for training, draws
 objects on images, and scores predictions.
 
@@ -13,7 +13,7 @@ Design choices:
   divisor 1024 (the official HF demo): coordinate = loc / 1024 * size, pixel edge = round();
   divisor 1023 (big_vision RefCOCO): coordinate = loc / 1023 * size, pixel edge = int() (truncation).
   Detection defaults to 1024, segmentation to 1023 (the evaluator behind the RefCOCO numbers),
-  as the spec recommends. Encoding is the inverse with the same divisor,
+  (docs/tasks.md §2). Encoding is the inverse with the same divisor,
   loc = clip(round(coord / size * divisor), 0, 1023); with 1023 that is exactly big_vision's
   RefCOCO encoder, so a decode-encode round trip is off by at most half a bin (size / 2046), and
   with 1024 by at most half a bin except in the last half bin, where the clip costs up to one.
@@ -23,7 +23,7 @@ Design choices:
   for segmentation), then an optional label with no further tokens, with loc <= 1023, seg <= 127,
   y_max > y_min and x_max > x_min. Anything else is returned with `error` saying what is wrong,
   so callers can count invalid outputs (the RefCOCO metric scores them as IoU 0).
-- Masks (spec §5.3): decode the 16 codes with the VQ-VAE to 64x64, resize to the pixel box with
+- Masks (docs/tasks.md §4.2-4.3): decode the 16 codes with the VQ-VAE to 64x64, resize to the pixel box with
   PIL bilinear, threshold > 0, paste into an all-False image; encoding crops the mask to the box,
   resizes to 64x64 (bilinear, antialiased, as TF's resize) and takes the 16 nearest codes.
 - Metrics are small and dependency-free: box IoU; detection precision/recall at IoU 0.5 with

@@ -1,6 +1,6 @@
 """Build transformers reference models that compute the same function as ours.
 
-transformers is the independent oracle (reference-testing.md). Its traps, handled here:
+transformers is the independent oracle (docs/differences.md §14). Its traps, handled here:
 - a `text_config` without `model_type: gemma2` silently becomes Gemma 1;
 - Gemma 1 spells the activation `hidden_act`, Gemma 2 `hidden_activation`;
 - eager attention, since SDPA cannot soft-cap;

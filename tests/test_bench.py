@@ -141,7 +141,7 @@ def test_fused_attention_equals_reference_path_in_bfloat16():
 
 
 def test_reference_attention_matches_the_einsum_formula():
-    """The grouped matrix products of `attend` are the einsum of the spec, head by head."""
+    """The grouped matrix products of `attend` are big_vision's einsum (docs/checkpoints.md §3.2), head by head."""
     q, k, v, mask = random_attention_inputs(n=6, k=3)
     logits = torch.einsum("bkgth,bksh->bkgts", q.reshape(2, 3, 2, 5, 8), k)
     logits = (50 * torch.tanh(logits / 50)).masked_fill(~mask[:, None, None], torch.finfo(torch.float32).min)

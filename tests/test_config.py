@@ -6,7 +6,7 @@ import torch
 from minipaligemma import PaliGemma, get_config
 from minipaligemma.config import PRESETS, TextConfig, VisionConfig
 
-# paligemma-spec.md §1.3, derived from the official checkpoint shapes; the PaliGemma 2 3B
+# docs/architecture.md §6.2, derived from the official checkpoint shapes; the PaliGemma 2 3B
 # numbers equal keras-hub's preset metadata. Vocabulary 257152 (big_vision's).
 EXPECTED = {
     "paligemma-3b-224": 2_923_335_408, "paligemma-3b-448": 2_924_220_144, "paligemma-3b-896": 2_927_759_088,
@@ -27,7 +27,7 @@ def test_official_preset_parameter_count(name):
 def test_vision_tower_alone_matches_published_count():
     with torch.device("meta"):
         model = PaliGemma(get_config("paligemma2-3b-224"))
-    assert sum(p.numel() for p in model.vision.parameters()) == 412_442_352  # spec §1.3
+    assert sum(p.numel() for p in model.vision.parameters()) == 412_442_352  # docs/architecture.md §6.2
 
 
 def test_every_official_preset_is_listed():

@@ -1,7 +1,7 @@
 """The mask VQ-VAE: official key layout, strict loading, shapes, quantisation, and training.
 
 The official `vae-oid.npz` is not available here, so a file with its exact keys and shapes is
-written from random values (the shapes below are typed in from the spec and the original AiT
+written from random values (the shapes below are typed in from docs/tasks.md §4.1 and the original AiT
 config, not taken from our model) and loaded back.
 """
 
