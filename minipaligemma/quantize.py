@@ -29,13 +29,16 @@ Each weight matrix W [N, K] (N outputs, K inputs) becomes integer codes and floa
 and has two paths, chosen by its `kernel` argument:
 - "reference": dequantize W, then F.linear. Reads like the lesson, runs on any device, and
   autograd differentiates it, so adapters on top of it train (QLoRA): gradients flow through
-  the dequantized W to the input.
+  the dequantized W to the input. (Autograd keeps each dequantized W until the backward pass,
+  so a training step holds the float weights of the layers it went through.)
 - "cpu": PyTorch's fused weight-only kernels, which read the codes and dequantize on the fly
   (torch.ops.aten._weight_int8pack_mm, and _weight_int4pack_mm_for_cpu for affine int4; there
   is none for NF4). For inference only: they have no backward. The int4 kernel wants its codes
   in a layout of its own that depends on the CPU (AVX2 and AVX-512 interleave rows
   differently), so that copy is built from the stored codes and never saved: for int4 this path
-  holds the codes twice in memory, though a forward pass reads only the kernel's copy.
+  holds the codes twice in memory, though a forward pass reads only the kernel's copy. The
+  kernels are vectorised for bfloat16 inputs; with float32 inputs they run several times
+  slower than a float32 matrix product.
 
 `quantize_model` swaps every linear layer of both towers and the projector, and the tied token
 table (input embedding and output layer at once, `QuantizedEmbedding`), for quantized ones;
@@ -254,13 +257,14 @@ class QuantizedLinear(nn.Module):
         computes W = (q - 8) * scale + offset per group, so a group's offset is (8 - zero) *
         scale: the W of (q - zero) * scale, up to rounding.
         """
+        self.kernel_codes = torch.empty_like(self.codes)  # new buffers, on the device of the codes
         for start in range(0, self.out_features, QUANTIZE_ROWS):
             rows = slice(start, start + QUANTIZE_ROWS)
             codes = unpack_nibbles(self.codes[rows]).to(torch.int32)  # [n, padded_in], 0..15
             self.kernel_codes[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [n, padded_in / 2]
         offset = (8 - self.zero.float()) * self.scale.float()  # [out, g]
         table = torch.stack([self.scale, offset.to(self.scale.dtype)], dim=-1)  # [out, g, 2]
-        self.kernel_scale_offset.copy_(table.transpose(0, 1))  # [g, out, 2]
+        self.kernel_scale_offset = table.transpose(0, 1).contiguous()  # [g, out, 2]
 
     def cpu_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] through _weight_int8pack_mm or _weight_int4pack_mm_for_cpu."""
@@ -346,7 +350,8 @@ def load_quantized_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]
 
     Strict: a missing or unexpected key, a shape that differs, or integer codes of another
     dtype raise BadInput naming `source`, the key, and what was expected and found. Float
-    tensors are converted to the model's dtype.
+    tensors are converted to the model's dtype. The model may be a skeleton on the meta device
+    (quantize_model works there without memory): it then takes the loaded tensors themselves.
     """
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -358,4 +363,5 @@ def load_quantized_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]
             raise BadInput(f"{source}: {key} has shape {list(found.shape)}, the model expects {list(want.shape)}")
         if found.dtype != want.dtype and not (found.is_floating_point() and want.is_floating_point()):
             raise BadInput(f"{source}: {key} has dtype {found.dtype}, the model expects {want.dtype}")
-    model.load_state_dict(tensors, strict=True)
+    tensors = {key: tensor.to(expected[key].dtype) for key, tensor in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=any(t.is_meta for t in expected.values()))

@@ -287,6 +287,19 @@ def test_state_dict_round_trip(scheme, group_size, kernel, tmp_path):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("scheme,kernel", [("int8", "reference"), ("int4", "cpu")])
+def test_loading_into_a_skeleton_on_the_meta_device(scheme, kernel):
+    """A quantized checkpoint loads without building the float model first."""
+    pixels, ids, mask_ar = tiny_inputs()
+    model = quantize_model(tiny_model(), scheme, group_size=32, kernel=kernel)
+    with torch.device("meta"):
+        skeleton = quantize_model(PaliGemma(get_config("tiny")), scheme, group_size=32, kernel=kernel)
+    load_quantized_state_dict(skeleton, quantized_state_dict(model))
+    assert not any(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
+    with torch.no_grad():
+        assert torch.equal(skeleton.eval()(pixels, ids, mask_ar), model(pixels, ids, mask_ar))
+
+
 def test_loading_is_strict():
     model = quantize_model(tiny_model(), "int4", group_size=32)
     good = quantized_state_dict(model)
