@@ -232,13 +232,23 @@ class DecoderBlock(nn.Module):
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token table [V, D], read two ways (Gemma ties its input and output embeddings): its
+    rows embed the input tokens (forward), and `readout` multiplies hidden states by the whole
+    table for the logits. quantize.py's QuantizedEmbedding reads a quantized table the same ways."""
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., D] to logits [..., V]: hidden @ table^T."""
+        return hidden @ self.weight.T  # [..., V]
+
+
 class Gemma(nn.Module):
     """The decoder: embeddings in, final-normed hidden states out; `logits` reads them out."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.embed = TiedEmbedding(cfg.vocab_size, cfg.width)
         nn.init.normal_(self.embed.weight, std=0.02)  # small, as the tied output reads it too (PaliGemma paper §5.3; docs/architecture.md §4.7)
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.depth))
         self.final_norm = RMSNorm(cfg.width, cfg.norm_eps)
@@ -249,8 +259,9 @@ class Gemma(nn.Module):
         The constant is rounded to the weight dtype first, as big_vision and transformers do
         (sqrt(2304) = 48 is exact in bfloat16; sqrt(2048) is not).
         """
-        scale = torch.tensor(math.sqrt(self.config.width), dtype=self.embed.weight.dtype)
-        return self.embed(input_ids) * scale  # [B, T, D]
+        rows = self.embed(input_ids)  # [B, T, D]
+        scale = torch.tensor(math.sqrt(self.config.width), dtype=rows.dtype)
+        return rows * scale  # [B, T, D]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 local_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -271,5 +282,5 @@ class Gemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., D] to vocabulary logits [..., V] through the tied embedding."""
-        logits = hidden @ self.embed.weight.T  # [..., V]
+        logits = self.embed.readout(hidden)  # [..., V]
         return softcap(logits, self.config.final_softcap)
