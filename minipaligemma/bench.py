@@ -167,7 +167,7 @@ def make_inputs(case: Case, batch: int, suffix_len: int, device: torch.device, s
     input_ids[:, 0] = BOS_ID
     mask_ar = (torch.arange(length) >= case.prompt_len).long().expand(batch, length)  # [B, T]
     size = cfg.vision.image_size
-    pixel_values = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1  # [B, 3, S, S]
+    pixel_values = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1  # [B, 3, R, R]
     image_token = hf_config_dict(cfg)["image_token_index"]
     image = torch.full((batch, cfg.num_image_tokens), image_token)  # [B, P]
     hf_ids = torch.cat([image, input_ids], dim=1)  # [B, P + T]
