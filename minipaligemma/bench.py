@@ -14,43 +14,32 @@ Design choices:
 - The reference runs its fastest correct attention: eager in a soft-capped (Gemma 2) decoder,
   because SDPA cannot soft-cap; SDPA in the image encoder and in a Gemma 1 decoder. The table
   names what each side ran.
-- What is timed, by wall clock after one warm-up run, as the median of `repeats` runs in which
-  ours and transformers take turns (so that a busy shared machine slows both alike):
+- What is timed (measure.py says how: wall clock after one warm-up run, the median of `repeats`
+  runs in which ours and transformers take turns, so that a busy shared machine slows both alike):
     prefill  one forward over image + prompt that fills an empty KV cache, at batch 1 (ours:
              `generate.prefill`; transformers: the forward `generate` makes first, keeping the
              logits of the last position only).
-    decode   greedy generation of `new_tokens` tokens with EOS disabled, at batch 1 and 8. The
-             clock is read as each new token becomes known (our `on_token` hook, transformers'
-             streamer), and tokens/s = B * (new_tokens - 1) / (last - first): the decoding
-             steps alone, without the prefill.
+    decode   greedy generation of `new_tokens` tokens with EOS disabled, at batch 1 and 8. A
+             token clock fed by our `on_token` hook and by transformers' streamer times the
+             decoding steps alone, without the prefill.
     train    one step of the trainer: forward, the suffix loss, backward, gradient clipping at
              1.0 and AdamW. Ours runs all its steps, then transformers: two sets of gradients and
              optimizer states at once would not fit at full width.
-- Peak memory is what a call adds on top of what was allocated before it (weights, mostly): on
-  a GPU `torch.cuda.max_memory_allocated`; on a CPU the growth of the process's peak resident
-  set (Linux's VmHWM, reset through /proc/self/clear_refs) after glibc's malloc_trim has handed
-  freed pages back; still only as good as the allocator's bookkeeping, so figures of a few MiB
-  (tiny models) are noise.
-  Measured on a decode at batch 8 and on a training step.
-- On a GPU two utilisation figures: MFU = model FLOPs of a training step (6 * parameters *
-  tokens, per tower, attention scores left out) / time / the device's peak bf16 FLOP/s; MBU =
-  bytes a decode step must read (the decoder's weights, the output embedding included, and
-  the KV cache) / time per step / the copy bandwidth measured here with a large device-to-device
-  copy.
+- Peak memory (what a call adds on top of the weights; measure.py says how on a CPU and a GPU)
+  is measured on a decode at batch 8 and on a training step.
+- On a GPU two utilisation figures, as measure.py defines them: MFU of a training step and MBU
+  of a decode at batch 1.
 - "ratio" is how many times better ours is: transformers' time / ours, our tokens/s / theirs,
   their memory / ours. Above 1, ours is ahead.
 """
 
-import ctypes
 import gc
 import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
 
@@ -60,17 +49,14 @@ from .checkpoint import hf_config_dict, load_hf_state_dict
 from .config import PaliGemmaConfig, get_config
 from .gemma import attention_implementation
 from .generate import decode, new_cache, prefill
+from .measure import (TokenClock, copy_bandwidth, count_parameters, decode_step_bytes, peak_flops,
+                      peak_memory_mib, proc_kib, take_turns, timed, train_flops)
 from .paligemma import PaliGemma
 from .tokenizer import BOS_ID
 from .train import RECIPES, paligemma_step_loss
 
 NO_EOS = -1  # an eos_id no token equals: every decode runs the full new_tokens
 DECODE_BATCHES = (1, 8)
-
-# Dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name(); the first
-# match wins. Pass --peak-tflops for a device not listed.
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-                   ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12)]
 
 
 @dataclass(frozen=True)
@@ -167,7 +153,7 @@ def make_inputs(case: Case, batch: int, suffix_len: int, device: torch.device, s
     input_ids[:, 0] = BOS_ID
     mask_ar = (torch.arange(length) >= case.prompt_len).long().expand(batch, length)  # [B, T]
     size = cfg.vision.image_size
-    pixel_values = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1  # [B, 3, S, S]
+    pixel_values = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1  # [B, 3, R, R]
     image_token = hf_config_dict(cfg)["image_token_index"]
     image = torch.full((batch, cfg.num_image_tokens), image_token)  # [B, P]
     hf_ids = torch.cat([image, input_ids], dim=1)  # [B, P + T]
@@ -183,142 +169,12 @@ def make_inputs(case: Case, batch: int, suffix_len: int, device: torch.device, s
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring.
+# One configuration.
 
 def log(message: str) -> None:
     """Progress, on stderr: stdout holds the table and the JSON line only."""
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of fn takes (the device's queue drained before and after)."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def take_turns(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Run each measurement once to warm up, then `repeats` rounds in which they take turns;
-    return each one's median. A run returns its own figure (seconds, tokens/s)."""
-    for run in runs.values():
-        run()
-    figures: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            figures[name].append(run())
-    return {name: statistics.median(values) for name, values in figures.items()}
-
-
-class TokenClock:
-    """The times at which new tokens become known, fed by our `decode`'s on_token hook and by
-    transformers' streamer interface (`put`, `end`), so both are timed at the same moment."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_token(self, row: int, token: int) -> None:  # ours: called per row, row 0 first
-        if row == 0:
-            self.times.append(time.perf_counter())
-
-    def put(self, value: torch.Tensor) -> None:  # transformers: the prompt [B, T], then each step's tokens [B]
-        if value.dim() == 1:
-            self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    def tokens_per_second(self, batch: int) -> float:
-        """Tokens of all rows per second over the decoding steps (the first token, which the
-        prefill produced, starts the clock)."""
-        return batch * (len(self.times) - 1) / (self.times[-1] - self.times[0])
-
-
-def _proc_kib(path: str, field: str) -> int:
-    """A "field: N kB" line of a Linux /proc file, in KiB."""
-    with open(path) as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
-
-
-def _release_free_memory() -> None:
-    """Hand the pages the C allocator keeps after frees back to the OS (glibc's malloc_trim), so
-    that a later allocation shows up as resident-set growth instead of reusing them unseen."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: figures may then read low
-        pass
-
-
-def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
-    """MiB that one call of fn adds at its peak, above what was in use before (module docstring);
-    None on a CPU without Linux's /proc."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        _release_free_memory()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak (VmHWM) to the current resident set
-        before = _proc_kib("/proc/self/status", "VmHWM")
-    except OSError:
-        return None
-    fn()
-    return (_proc_kib("/proc/self/status", "VmHWM") - before) / 1024
-
-
-def copy_bandwidth(device: torch.device, size: int = 2**30) -> float:
-    """Bytes per second that a device-to-device copy of `size` bytes moves (read + write)."""
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = take_turns({"copy": lambda: timed(lambda: dst.copy_(src), device)}, repeats=5)["copy"]
-    return 2 * size / seconds
-
-
-def peak_flops(device: torch.device, given_tflops: float | None) -> float | None:
-    """The device's peak bf16 FLOP/s: given, else looked up by name (None if unknown)."""
-    if given_tflops is not None:
-        return given_tflops * 1e12
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def train_flops(model: PaliGemma, batch: int, text_len: int) -> float:
-    """Model FLOPs of one training step: 6 per parameter per token it transforms. The image
-    encoder sees the patches, the decoder's blocks image + text tokens, the output embedding the
-    text tokens (its input lookup costs nothing)."""
-    image = model.config.num_image_tokens
-    embedding = model.llm.embed.weight.numel()
-    per_example = (_count(model.vision) * image + _count(model.projector) * image
-                   + (_count(model.llm) - embedding) * (image + text_len) + embedding * text_len)
-    return 6.0 * batch * per_example
-
-
-def decode_step_bytes(model: PaliGemma, batch: int, context: int) -> float:
-    """Bytes one decode step must read: every decoder weight (the output embedding whole) and
-    the keys and values of `context` cached positions per row."""
-    t = model.config.text
-    weight = model.llm.embed.weight
-    cache = 2 * t.depth * t.num_kv_heads * t.head_dim * context * batch
-    return (_count(model.llm) + cache) * weight.element_size()
-
-
-# ---------------------------------------------------------------------------------------------
-# One configuration.
 
 def _figure(ours: float | None, theirs: float | None, higher_is_better: bool) -> dict:
     """Ours, theirs and the ratio (above 1: ours ahead)."""
@@ -335,7 +191,7 @@ def run_case(case: Case, device: torch.device, repeats: int | None = None, peak_
     log(f"{case.about}: building both models")
     reference, ours = build_pair(case, device)
     result = {"about": case.about, "dtype": str(case.dtype).removeprefix("torch."), "repeats": repeats,
-              "parameters": _count(ours), "attention": attention_used(case.model),
+              "parameters": count_parameters(ours), "attention": attention_used(case.model),
               "prompt_tokens": case.model.num_image_tokens + case.prompt_len, "new_tokens": case.new_tokens,
               "build_s": time.perf_counter() - started}
     log("prefill")
@@ -462,7 +318,7 @@ def machine(device: torch.device) -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.MULTILINE).group(1)
-        info["memory_gib"] = round(_proc_kib("/proc/meminfo", "MemTotal") / 2**20, 1)
+        info["memory_gib"] = round(proc_kib("/proc/meminfo", "MemTotal") / 2**20, 1)
     except (OSError, AttributeError):
         info["cpu"] = platform.processor()
     if device.type == "cuda":

@@ -135,7 +135,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     b, n, t, h = q.shape
     kv = k.shape[1]
-    # Query head n = kv * G + g uses KV head kv: the G query heads of each KV head are stacked
+    # Query head j * G + g (g < G) uses KV head j: the G query heads of each KV head are stacked
     # along the time axis, so that one matrix product per KV head serves all G of them.
     q = q.reshape(b, kv, n // kv * t, h)  # [B, K, G*T, H]
     logits = (q @ k.transpose(-1, -2)).float().view(b, kv, n // kv, t, -1)  # [B, K, G, T, S]

@@ -158,14 +158,14 @@ class PaliGemma(nn.Module):
         self.tokenizer: Tokenizer | None = None
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W], or frames [B, N, 3, H, W], to image tokens [B, N * P, D].
+        """Images [B, 3, R, R], or frames [B, F, 3, R, R], to image tokens [B, F * P, D].
 
         Frames are encoded independently and their tokens concatenated, no separator.
         """
-        frames = pixel_values if pixel_values.dim() == 5 else pixel_values[:, None]  # [B, N, 3, H, W]
-        b, n = frames.shape[:2]
-        tokens = self.projector(self.vision(frames.flatten(0, 1)))  # [B * N, P, D]
-        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])  # [B, N * P, D]
+        frames = pixel_values if pixel_values.dim() == 5 else pixel_values[:, None]  # [B, F, 3, R, R]
+        b, f = frames.shape[:2]  # B, F
+        tokens = self.projector(self.vision(frames.flatten(0, 1)))  # [B * F, P, D]
+        return tokens.reshape(b, f * tokens.shape[1], tokens.shape[2])  # [B, F * P, D]
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, mask_ar: torch.Tensor,
                 mask_input: torch.Tensor | None = None, cache: PaliGemmaCache | None = None) -> torch.Tensor:
@@ -193,22 +193,24 @@ class PaliGemma(nn.Module):
         mask_ar, valid = mask_ar.long() * mask_input.long(), mask_input.bool()
         num_image = 0
         if pixel_values is not None:
-            image = self.embed_image(pixel_values)  # [B, P, D], unscaled
-            num_image = image.shape[1]
-            x = torch.cat([image.to(x.dtype), x], dim=1)  # [B, P + T, D]
-            mask_ar = torch.cat([mask_ar.new_zeros(x.shape[0], num_image), mask_ar], dim=1)  # [B, P + T]
-            valid = torch.cat([valid.new_ones(x.shape[0], num_image), valid], dim=1)  # [B, P + T]
+            image = self.embed_image(pixel_values)  # [B, F * P, D], unscaled
+            num_image = image.shape[1]  # F * P
+            x = torch.cat([image.to(x.dtype), x], dim=1)  # [B, F * P + T, D]
+            mask_ar = torch.cat([mask_ar.new_zeros(x.shape[0], num_image), mask_ar], dim=1)  # [B, F * P + T]
+            valid = torch.cat([valid.new_ones(x.shape[0], num_image), valid], dim=1)  # [B, F * P + T]
 
-        # Block steps and 0-based positions (real tokens only), continuing the cached ones.
+        # Block steps and 0-based positions (real tokens only), continuing the cached ones. The
+        # decoder processes F * P + T tokens (F * P = num_image = 0 when no images are passed),
+        # against S keys: the cached ones, then this call's.
         step0, pos0 = (0, 0) if cache is None else cache.mask.last_step_and_count()  # [B, 1] each
-        steps = step0 + torch.cumsum(mask_ar, dim=1)  # [B, S_new]
-        positions = (pos0 + torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)  # [B, S_new]
+        steps = step0 + torch.cumsum(mask_ar, dim=1)  # [B, F * P + T]
+        positions = (pos0 + torch.cumsum(valid.long(), dim=1) - 1).clamp(min=0)  # [B, F * P + T]
         keys = (steps, valid, positions) if cache is None else cache.mask.append(steps, valid, positions)
-        k_steps, k_valid, k_positions = keys  # [B, S_all] each
+        k_steps, k_valid, k_positions = keys  # [B, S] each
 
-        mask = block_mask(steps, valid, k_steps, k_valid)  # [B, S_new, S_all]
+        mask = block_mask(steps, valid, k_steps, k_valid)  # [B, F * P + T, S]
         window = self.config.text.sliding_window
         local_mask = None if window is None else sliding_window_mask(
             mask, positions, k_positions, steps, k_steps, window)
-        hidden = self.llm(x, positions, mask, local_mask, None if cache is None else cache.kv)  # [B, S_new, D]
+        hidden = self.llm(x, positions, mask, local_mask, None if cache is None else cache.kv)  # [B, F * P + T, D]
         return hidden[:, num_image:]  # [B, T, D]

@@ -26,7 +26,7 @@ def smooth(values: list[float], window: int) -> tuple[np.ndarray, np.ndarray]:
     """(steps, moving average over `window` steps), each point at the last step it averages."""
     values = np.asarray(values, dtype=float)
     window = max(1, min(window, len(values)))
-    averaged = np.convolve(values, np.ones(window) / window, mode="valid")  # [len - window + 1]
+    averaged = np.convolve(values, np.ones(window) / window, mode="valid")  # [len(values) - window + 1]
     return np.arange(window - 1, len(values)), averaged
 
 

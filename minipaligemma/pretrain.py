@@ -35,10 +35,10 @@ class TextEncoder(nn.Module):
         self.head = nn.Linear(cfg.width, embed_dim)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids) + self.pos_embed[: input_ids.shape[1]]  # [B, T, W]
+        x = self.embed(input_ids) + self.pos_embed[: input_ids.shape[1]]  # [B, T, D]
         for block in self.blocks:
-            x = block(x)  # [B, T, W]
-        last = self.norm(x)[torch.arange(x.shape[0]), lengths - 1]  # [B, W]
+            x = block(x)  # [B, T, D]
+        last = self.norm(x)[torch.arange(x.shape[0]), lengths - 1]  # [B, D]
         return self.head(last)  # [B, E]
 
 

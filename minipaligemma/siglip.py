@@ -35,12 +35,12 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, heads, N, hd]
-        k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, heads, N, hd]
-        v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, heads, N, hd]
+        q = rearrange(self.q_proj(x), "b p (n h) -> b n p h", n=self.num_heads)  # [B, N, P, H]
+        k = rearrange(self.k_proj(x), "b p (n h) -> b n p h", n=self.num_heads)  # [B, N, P, H]
+        v = rearrange(self.v_proj(x), "b p (n h) -> b n p h", n=self.num_heads)  # [B, N, P, H]
         # Softmax(q.k / sqrt(head_dim)) v; PyTorch's fused kernel computes exactly this.
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, hd]
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, D]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, N, P, H]
+        return self.out_proj(rearrange(out, "b n p h -> b p (n h)"))  # [B, P, D]
 
 
 class MLP(nn.Module):
@@ -71,7 +71,7 @@ class EncoderBlock(nn.Module):
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """Resize learned position embeddings [N, D] (a g x g grid) to grid_size x grid_size.
+    """Resize learned position embeddings [P, D] (a square grid) to grid_size x grid_size.
 
     Used to run a checkpoint at another resolution (PaliGemma's stage 2 goes 224 -> 448 -> 896
     px). Bilinear with corners aligned, as big_vision's `scipy.ndimage.zoom(order=1)` does.
@@ -79,13 +79,13 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
     old = int(round(pos_embed.shape[0] ** 0.5))
     if old * old != pos_embed.shape[0]:
         raise ValueError(f"{pos_embed.shape[0]} position embeddings do not form a square grid")
-    grid = rearrange(pos_embed.float(), "(gh gw) d -> 1 d gh gw", gh=old)  # [1, D, g, g]
+    grid = rearrange(pos_embed.float(), "(gh gw) d -> 1 d gh gw", gh=old)  # [1, D, old, old]
     grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bilinear", align_corners=True)
     return rearrange(grid, "1 d gh gw -> (gh gw) d").to(pos_embed.dtype)  # [grid_size², D]
 
 
 class SigLIPEncoder(nn.Module):
-    """Images [B, 3, H, W] in [-1, 1] to tokens [B, num_patches, width]."""
+    """Images [B, 3, R, R] in [-1, 1] to tokens [B, P, D] (P = num_patches, D = width)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -100,8 +100,8 @@ class SigLIPEncoder(nn.Module):
         if pixel_values.shape[-3:] != (3, size, size):
             raise ValueError(f"expected images of shape [B, 3, {size}, {size}], got {list(pixel_values.shape)}")
         x = self.patch_embed(pixel_values.to(self.pos_embed.dtype))  # [B, D, grid, grid]
-        x = rearrange(x, "b d gh gw -> b (gh gw) d")  # [B, N, D], row-major patches
-        x = x + self.pos_embed  # [B, N, D]
+        x = rearrange(x, "b d gh gw -> b (gh gw) d")  # [B, P, D], row-major patches
+        x = x + self.pos_embed  # [B, P, D]
         for block in self.blocks:
-            x = block(x)  # [B, N, D]
-        return self.norm(x)  # [B, N, D]
+            x = block(x)  # [B, P, D]
+        return self.norm(x)  # [B, P, D]

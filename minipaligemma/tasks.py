@@ -8,7 +8,8 @@ objects on images, and scores predictions.
 
 Design choices:
 - Boxes are (y_min, x_min, y_max, x_max) in pixels of the original image everywhere, the order
-  of the tokens. The image is squashed to a square for the model, so y scales with H and x with W.
+  of the tokens. The image is squashed to a square for the model, so y scales with the height
+  and x with the width.
 - Two de-quantisation conventions exist and both are reproduced whole:
   divisor 1024 (the official HF demo): coordinate = loc / 1024 * size, pixel edge = round();
   divisor 1023 (big_vision RefCOCO): coordinate = loc / 1023 * size, pixel edge = int() (truncation).
@@ -68,7 +69,7 @@ class TaskObject:
 
     label: str = ""
     box: Box | None = None
-    mask: np.ndarray | None = None  # [H, W] bool, full resolution
+    mask: np.ndarray | None = None  # [height, width] bool, full resolution
     error: str | None = None  # why the model's text for this object is invalid
     text: str = ""  # the piece of output it was parsed from
 
@@ -131,7 +132,7 @@ def _parse(text: str, image_size: tuple[int, int], divisor: int, seg_counts: tup
 
 
 def parse_detections(text: str, image_size: tuple[int, int], divisor: int = 1024) -> list[TaskObject]:
-    """Objects of a `detect` answer with label and box in pixels of an (H, W) image; never raises.
+    """Objects of a `detect` answer with label and box in pixels of a (height, width) image; never raises.
 
     Invalid pieces come back with `valid == False` and the reason in `error`. `divisor` picks the
     de-quantisation: 1024 as the official demo (default), 1023 as big_vision's RefCOCO pipeline.
@@ -146,7 +147,7 @@ def _pixel_edges(box: Box, divisor: int) -> tuple[int, int, int, int]:
 def parse_segmentations(
     text: str, image_size: tuple[int, int], vqvae: MaskVQVAE, divisor: int = 1023
 ) -> list[TaskObject]:
-    """Objects of a `segment` answer with box and full-resolution mask [H, W]; never raises.
+    """Objects of a `segment` answer with box and full-resolution mask [height, width]; never raises.
 
     The 16 codes go through the VQ-VAE decoder (all objects in one batch) to 64x64 logits, which
     are resized to the pixel box (PIL bilinear), thresholded at 0 and pasted into an empty mask.
@@ -155,8 +156,8 @@ def parse_segmentations(
     valid = [(obj, segs) for obj, segs in zip(objects, all_segs) if obj.valid]
     if not valid:
         return objects
-    codes = torch.tensor([segs for _, segs in valid])  # [N, 16]
-    logits = vqvae.decode_codes(codes).float().cpu().numpy()  # [N, 64, 64]
+    codes = torch.tensor([segs for _, segs in valid])  # [objects, 16]
+    logits = vqvae.decode_codes(codes).float().cpu().numpy()  # [objects, 64, 64]
     for (obj, _), small in zip(valid, logits):
         obj.mask = np.zeros(image_size, dtype=bool)
         y_min, x_min, y_max, x_max = _pixel_edges(obj.box, divisor)
@@ -183,18 +184,18 @@ def box_to_loc_string(box: Box, image_size: tuple[int, int], divisor: int = 1024
 
 
 def mask_to_target(mask: np.ndarray, box: Box, vqvae: MaskVQVAE, divisor: int = 1023) -> str:
-    """The 4 `<loc>` + 16 `<seg>` target string of a full-resolution mask [H, W] and its box.
+    """The 4 `<loc>` + 16 `<seg>` target string of a full-resolution mask [height, width] and its box.
 
     As big_vision's `refcoco_mask2str`: crop the mask to the rounded pixel box, resize it to
     64x64 (bilinear, antialiased) in [0, 1], and encode it with the VQ-VAE.
     """
-    mask = np.asarray(mask, dtype=np.float32)  # [H, W]
+    mask = np.asarray(mask, dtype=np.float32)  # [height, width]
     y_min, x_min, y_max, x_max = np.round(np.asarray(box, dtype=np.float64)).astype(int)
     y_min, y_max = np.clip([y_min, y_max], 0, mask.shape[0])
     x_min, x_max = np.clip([x_min, x_max], 0, mask.shape[1])
     if y_max <= y_min or x_max <= x_min:
         raise ValueError(f"box {tuple(box)} covers no pixel of a {mask.shape} mask")
-    crop = torch.from_numpy(mask[y_min:y_max, x_min:x_max].copy())[None, None]  # [1, 1, h, w]
+    crop = torch.from_numpy(mask[y_min:y_max, x_min:x_max].copy())[None, None]  # [1, 1, y_max - y_min, x_max - x_min]
     resized = F.interpolate(crop, size=(MASK_SIZE, MASK_SIZE), mode="bilinear", antialias=True)  # [1, 1, 64, 64]
     codes = vqvae.encode_masks(resized[:, 0].clamp(0, 1))[0]  # [16]
     seg_string = "".join(f"<seg{code:03d}>" for code in codes.tolist())
@@ -312,7 +313,7 @@ def count_detections(
 
 
 def mask_iou(predicted: np.ndarray | None, target: np.ndarray) -> float:
-    """IoU of two boolean masks [H, W]; None (an invalid prediction) scores 0, two empties 1."""
+    """IoU of two boolean masks [height, width]; None (an invalid prediction) scores 0, two empties 1."""
     if predicted is None:
         return 0.0
     predicted, target = np.asarray(predicted, dtype=bool), np.asarray(target, dtype=bool)

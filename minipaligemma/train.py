@@ -129,7 +129,7 @@ def jsonl_examples(dataset: JsonlDataset, batch_size: int, t: int, seed: int = 0
 def paligemma_batch(examples: list[Example], tokenizer: Tokenizer, size: int, device) -> dict[str, torch.Tensor]:
     """Images and `[bos prefix] ["\\n"] [suffix eos]` texts as model inputs and masks [B, ...]."""
     batch = pad_batch([encode_example(tokenizer, e.prefix, e.suffix) for e in examples])  # [B, T] each
-    batch["pixel_values"] = preprocess([e.image for e in examples], size)  # [B, 3, S, S]
+    batch["pixel_values"] = preprocess([e.image for e in examples], size)  # [B, 3, R, R], R = size
     return {k: v.to(device) for k, v in batch.items()}
 
 

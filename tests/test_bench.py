@@ -12,9 +12,9 @@ import torch
 from minipaligemma import PaliGemma, get_config
 from minipaligemma import gemma
 from minipaligemma.__main__ import main
-from minipaligemma.bench import (TokenClock, attention_used, cases, decode_step_bytes, default_configs,
-                                 peak_memory_mib, take_turns, train_flops)
+from minipaligemma.bench import attention_used, cases, default_configs
 from minipaligemma.generate import decode
+from minipaligemma.measure import TokenClock, decode_step_bytes, peak_memory_mib, take_turns, train_flops
 from minipaligemma.paligemma import make_attn_mask
 
 FIGURES = ["prefill_ms", "decode_b1_tok_s", "decode_b8_tok_s", "peak_mib_decode_b8", "train_step_ms",
