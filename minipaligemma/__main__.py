@@ -104,6 +104,16 @@ def cmd_bench(args) -> None:
     bench(args.config.split(","), args.device, args.repeats, args.peak_tflops, args.threads, command)
 
 
+def cmd_plan(args) -> None:
+    """Print the planned memory of one training step; see minipaligemma/plan.py."""
+    from .lora import DEFAULT_TARGETS
+    from .plan import plan  # traces a step on fake tensors: imports only this command needs
+    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else DEFAULT_TARGETS
+    print(plan(args.preset, args.batch, args.text_len, lora=args.lora, qlora=args.qlora,
+               checkpoint_activations=args.checkpoint_activations, optimizer=args.optimizer, dtype=args.dtype,
+               lora_targets=targets, device=args.device).table())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minipaligemma", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's peak bf16 TFLOP/s for MFU (default: looked up by device name)")
     p.set_defaults(run=cmd_bench)
+
+    p = commands.add_parser("plan", help="memory of a training step: parameters, gradients, optimizer, activations")
+    p.add_argument("--preset", required=True, help="e.g. paligemma2-3b-224 (the resolution is part of the name)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--text-len", type=int, default=128, help="text tokens per example (prompt and answer)")
+    p.add_argument("--lora", type=int, default=None, help="LoRA rank (default: full fine-tuning)")
+    p.add_argument("--lora-targets", help="comma-separated TOWER.ROLE (default: llm.attn,llm.mlp), see lora.py")
+    p.add_argument("--qlora", action="store_true", help="LoRA on a 4-bit base")
+    p.add_argument("--checkpoint-activations", action="store_true", help="recompute each block in the backward pass")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="whose optimizer update path to plan")
+    p.set_defaults(run=cmd_plan)
     return parser
 
 

@@ -1,0 +1,241 @@
+"""LoRA: fine-tune a frozen PaliGemma through small low-rank adapters.
+
+Fine-tuning every weight keeps, beside the weights, their gradients and AdamW's two moments:
+four copies of the model. LoRA (Hu et al., 2021) freezes the model and learns, beside each
+chosen linear layer y = W x, a low-rank correction:
+
+    y = W x + (alpha / r) * B (A x)        A [r, in], B [out, r], r much smaller than in, out
+
+Only A and B train. At rank 16 on every linear layer of PaliGemma 2 3B's decoder they hold
+about 0.7 % of its parameters, so their gradients and optimizer state cost almost nothing.
+
+- B starts at zero and A at random (nn.Linear's own init, uniform in +-1/sqrt(in)). The
+  correction is then exactly zero, so the wrapped model computes the same function as before,
+  while B's first gradient (which goes through A x) is not zero. With both at zero neither
+  would ever get a gradient.
+- alpha / r scales the correction: at a fixed alpha, a larger rank does not make the first
+  updates larger, so a learning rate found at one rank carries over to another.
+- Dropout, if any, applies to the adapter's input only, and only in training mode; the frozen
+  path always sees the clean input.
+- A and B are float32 whatever the base's dtype: they are small, and AdamW's tiny updates would
+  round away in bfloat16. The correction is computed in the input's dtype, like the base layer.
+- `merge_lora` folds W + (alpha / r) B A into each weight and puts the plain nn.Linear back: the
+  result is an ordinary PaliGemma, as fast as the base, saved and exported as usual.
+- `save_lora` writes the adapters alone, a few MB, as safetensors with their configuration in
+  the metadata; `load_lora` puts them on a fresh base, strictly: a missing, unexpected or
+  mis-shaped adapter (another base model, another rank) is an error naming the key and shapes.
+
+Targets name the layers to adapt as "TOWER.ROLE": TOWER is `llm` (the Gemma decoder) or `vision`
+(the SigLIP image encoder), ROLE one of q, k, v, o (attention) or gate, up, down (MLP), or
+`attn` / `mlp` for a group. The image encoder's MLP has no gate: its fc1 is `up` and fc2 `down`.
+Every block of the tower gets the adapter.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from .checkpoint import check_keys_and_shapes
+from .files import BadInput, atomic_write
+
+# Where each role's linear layer sits inside one block of each tower (see gemma.py, siglip.py).
+BLOCKS = {"llm": "llm.layers", "vision": "vision.blocks"}
+ROLES = {
+    "llm": {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    "vision": {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj",
+               "up": "mlp.fc1", "down": "mlp.fc2"},
+}
+GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+DEFAULT_TARGETS = ("llm.attn", "llm.mlp")  # every linear layer of the decoder
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus its trainable low-rank correction (alpha / rank) * B A."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha, self.dropout_p, self.scale = rank, alpha, dropout, alpha / rank
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))  # [r, in]
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # [out, r]
+        bound = 1 / math.sqrt(base.in_features)
+        nn.init.uniform_(self.lora_a, -bound, bound)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # Identity: no copy of x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> W x + b + scale * B (A dropout(x)), [..., out]."""
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+        correction = F.linear(F.linear(self.dropout(x), a), b)  # [..., out], through [..., r]
+        return self.base(x) + self.scale * correction
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale * B A [out, in], computed in float32, in the base weight's dtype."""
+        delta = self.scale * (self.lora_b.float() @ self.lora_a.float())  # [out, in]
+        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+
+def _roles(target: str) -> tuple[str, list[str]]:
+    """A target "TOWER.ROLE" or "TOWER.GROUP" -> its tower and the roles it names there."""
+    tower, _, role = target.partition(".")
+    if tower not in ROLES:
+        raise ValueError(f"LoRA target {target!r}: the tower must be one of {list(ROLES)}")
+    if role in GROUPS:
+        return tower, [r for r in GROUPS[role] if r in ROLES[tower]]  # the image encoder has no gate
+    if role in ROLES[tower]:
+        return tower, [role]
+    raise ValueError(f"LoRA target {target!r}: {tower} has the roles {list(ROLES[tower])} "
+                     f"and the groups {list(GROUPS)}")
+
+
+def target_layers(model: nn.Module, targets) -> list[str]:
+    """The names of the linear layers that `targets` (strings "TOWER.ROLE", see the module
+    docstring) pick in `model`, every block of the tower, e.g. "llm.layers.0.attn.q_proj"."""
+    names = []
+    for target in targets:
+        tower, roles = _roles(target)
+        for i in range(len(model.get_submodule(BLOCKS[tower]))):
+            names += [f"{BLOCKS[tower]}.{i}.{ROLES[tower][role]}" for role in roles]
+    return list(dict.fromkeys(names))  # each layer once, in order
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every adapted layer of `model`, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets, dropout: float = 0.0) -> nn.Module:
+    """Freeze `model` and wrap the target linear layers (e.g. DEFAULT_TARGETS) with adapters;
+    return the model.
+
+    Afterwards only the adapters' A and B require gradients, and the model computes exactly
+    what it computed before (B is zero) until they train.
+    """
+    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got {rank}, {alpha}, {dropout}")
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA adapters: merge_lora() them first")
+    names = target_layers(model, targets)
+    model.requires_grad_(False)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        base = model.get_submodule(name)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRA target layer {name} is a {type(base).__name__}, not an nn.Linear")
+        setattr(model.get_submodule(parent), child, LoRALinear(base, rank, alpha, dropout))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and put the plain nn.Linear back; return the model.
+
+    The merged model computes what the adapted one did, as an ordinary model (its parameters
+    stay frozen: `model.requires_grad_(True)` to train them all).
+    """
+    for name, layer in lora_layers(model).items():
+        with torch.no_grad():
+            layer.base.weight.copy_(layer.merged_weight())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+    return model
+
+
+def adapted_targets(model: nn.Module) -> list[str]:
+    """The targets ("TOWER.ROLE") that reproduce the model's adapters; an error if some block
+    of a tower is adapted where another is not (adapters not made by add_lora)."""
+    layers, targets = lora_layers(model), []
+    for tower, roles in ROLES.items():
+        for role in roles:
+            adapted = [name in layers for name in target_layers(model, [f"{tower}.{role}"])]
+            if all(adapted):
+                targets.append(f"{tower}.{role}")
+            elif any(adapted):
+                raise ValueError(f"only some blocks of {tower} have a {role} adapter; add_lora adapts every block")
+    return targets
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's adapters alone to a safetensors file (A and B of each adapted layer,
+    float32), with rank, alpha, dropout and targets in its metadata."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to save: add_lora() first")
+    first = next(iter(layers.values()))
+    config = {"rank": first.rank, "alpha": first.alpha, "dropout": first.dropout_p, "targets": adapted_targets(model)}
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.lora_a"] = layer.lora_a.detach().float().cpu().contiguous()
+        tensors[f"{name}.lora_b"] = layer.lora_b.detach().float().cpu().contiguous()
+    atomic_write(path, lambda f: f.write(safetensors_bytes(tensors, metadata={"lora": json.dumps(config)})))
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The configuration and tensors of an adapter file written by save_lora."""
+    if not Path(path).is_file():
+        raise BadInput(f"{path}: file not found")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise BadInput(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+    try:
+        config = json.loads(metadata["lora"])
+        config = {key: config[key] for key in ("rank", "alpha", "dropout", "targets")}
+        valid = (isinstance(config["rank"], int) and isinstance(config["alpha"], (int, float))
+                 and isinstance(config["dropout"], (int, float)) and isinstance(config["targets"], list)
+                 and all(isinstance(t, str) for t in config["targets"]))
+    except (KeyError, TypeError, json.JSONDecodeError):
+        valid = False
+    if not valid:
+        raise BadInput(f"{path}: not a LoRA adapter file: its metadata has no 'lora' entry with an integer "
+                       f"rank, numbers alpha and dropout and a list of targets (found {metadata})")
+    return config, tensors
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put the adapters saved in `path` on `model` (a base without adapters); return the model.
+
+    Strict: the file must hold exactly the adapters its targets pick in this model, each of the
+    shape this model's layers need, or BadInput names the file, the key and both shapes (a
+    missing or unexpected adapter, another rank, or another base model).
+    """
+    config, tensors = read_lora(path)
+    if lora_layers(model):
+        raise ValueError(f"{path}: the model already has LoRA adapters; load onto a base without them")
+    try:
+        names = target_layers(model, config["targets"])
+    except ValueError as err:
+        raise BadInput(f"{path}: {err}") from None
+    expected = {}
+    for name in names:
+        base = model.get_submodule(name)
+        expected[f"{name}.lora_a"] = (config["rank"], base.in_features)
+        expected[f"{name}.lora_b"] = (base.out_features, config["rank"])
+    check_keys_and_shapes(expected, {k: tuple(v.shape) for k, v in tensors.items()}, str(path))
+    add_lora(model, config["rank"], config["alpha"], config["targets"], config["dropout"])
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            layer.lora_a.copy_(tensors[f"{name}.lora_a"])
+            layer.lora_b.copy_(tensors[f"{name}.lora_b"])
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Name -> number of elements of every parameter that trains (requires_grad)."""
+    return {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """One line: how many of the model's parameters train, e.g. for a log."""
+    trainable = sum(trainable_parameters(model).values())
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f} %)"
