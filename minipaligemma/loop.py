@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +35,9 @@ from tqdm import tqdm
 
 from .distributed import rank_and_world, wrap_for_training
 from .files import BadInput, atomic_write
+
+
+OPTIMIZERS = {"adamw": partial(torch.optim.AdamW, weight_decay=0.0), "sgd": torch.optim.SGD}
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,11 +126,13 @@ def _write_log(path: Path, records: list[dict]) -> None:
 # The loop.
 
 def fit(model: nn.Module, groups: list[ParamGroup], loss_fn: Callable[[nn.Module, int], StepLoss],
-        steps: int, checkpoint: Path, desc: str, checkpoint_every: int = 50, fsdp: bool = False) -> list[float]:
+        steps: int, checkpoint: Path, desc: str, checkpoint_every: int = 50, fsdp: bool = False,
+        optimizer: str = "adamw") -> list[float]:
     """Train for `steps` steps, resuming from `checkpoint` if it exists; return the loss curve.
 
     loss_fn(model, t) computes step t's StepLoss on this process's share of the batch. The
-    step log goes to `checkpoint` with the suffix .jsonl.
+    step log goes to `checkpoint` with the suffix .jsonl. `optimizer` is "adamw" (Adam without
+    weight decay) or "sgd" (plain gradient descent: no state, as big_vision's colab).
     """
     rank, _ = rank_and_world()
     names = {id(p): name for name, p in model.named_parameters()}
@@ -134,8 +140,10 @@ def fit(model: nn.Module, groups: list[ParamGroup], loss_fn: Callable[[nn.Module
     trained = wrap_for_training(model, fsdp)  # sharding replaces the parameters: find them by name
     current = dict(model.named_parameters())
     param_lists = [[current[name] for name in group] for group in group_names]
-    optimizer = torch.optim.AdamW([{"params": ps, "lr": g.base_lr} for ps, g in zip(param_lists, groups)],
-                                  weight_decay=0.0)
+    param_groups = [{"params": ps, "lr": g.base_lr} for ps, g in zip(param_lists, groups)]
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+    optimizer = OPTIMIZERS[optimizer](param_groups)
     state = {"step": 0, "losses": []}
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, model, optimizer)

@@ -47,6 +47,7 @@ from .evaluate import evaluate, metrics_table
 from .files import atomic_write
 from .image import preprocess
 from .loop import ParamGroup, StepLoss, fit, read_log
+from .lora import DEFAULT_TARGETS, add_lora, describe_trainable, merge_lora, save_lora
 from .paligemma import PaliGemma, prefix_lm_loss
 from .plots import save_figure, stage_figure, stages_figure
 from .pretrain import CausalLM, SigLIP, TextEncoder
@@ -77,6 +78,7 @@ class Recipe:
     transfer_task: str = "ocr"  # stage 3's task unless the command line names another
     lr: float = 1e-3
     transfer_lr: float = 3e-4
+    lora_lr: float = 3e-3  # LoRA's adapters start at zero and are few: a larger rate than full fine-tuning's
     warmup_steps: int = 20
     vision_warmup_steps: int = 150  # the slow linear warm-up of the image encoder in stage 1
     rsqrt_timescale: int = 100
@@ -104,6 +106,36 @@ RECIPES = {
         transfer_lr=1e-4, warmup_steps=200, vision_warmup_steps=2000, rsqrt_timescale=2000, eval_examples=256,
         checkpoint_every=500, dtype="bfloat16"),
 }
+
+
+COLAB_LR = 0.03  # big_vision's fine-tuning colab: SGD at 0.03 on the decoder's attention weights
+TRANSFER_METHODS = ("full", "lora", "colab")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """How stage 3 fine-tunes (docs/training.md §4).
+
+    "full"   every weight (all but the image encoder with freeze_vision); AdamW at the recipe's
+             transfer_lr, cosine schedule with 5 % warm-up. The most capable, and the most memory:
+             weights, gradients and two AdamW moments of every weight.
+    "lora"   the base frozen; LoRA adapters of rank `lora_rank` (alpha = rank) on `lora_targets`
+             (lora.py); AdamW at lora_lr. Gradients and optimizer state exist for the adapters
+             only, so it fits where full fine-tuning does not. The exported model holds the
+             merged weights; adapter.safetensors beside it the adapters alone.
+    "colab"  big_vision's fine-tuning colab, made for a 16 GB T4: only the decoder's attention
+             weights train, plain SGD (no optimizer state at all) at 0.03, cosine schedule with
+             10 % warm-up. No new parameters, but every attention weight gets a gradient.
+    """
+
+    method: str = "full"
+    freeze_vision: bool = False
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self):
+        if self.method not in TRANSFER_METHODS:
+            raise ValueError(f"transfer method must be one of {TRANSFER_METHODS}, got {self.method!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +251,7 @@ class Trainer:
         return False
 
     def paligemma_fit(self, model: PaliGemma, stage: int, steps: int, groups: list[ParamGroup],
-                      next_batch: Callable[[int], list[Example]], size: int) -> None:
+                      next_batch: Callable[[int], list[Example]], size: int, optimizer: str = "adamw") -> None:
         """Train a PaliGemma on batches next_batch(t) at `size` px."""
         image_tokens = model.config.num_image_tokens
 
@@ -229,7 +261,7 @@ class Trainer:
             return paligemma_step_loss(trained, batch, image_tokens, self.autocast, [e.task for e in examples])
 
         fit(model, groups, loss_fn, steps, self.stage_dir(stage) / "checkpoint.safetensors", f"stage {stage}",
-            self.recipe.checkpoint_every, self.fsdp)
+            self.recipe.checkpoint_every, self.fsdp, optimizer)
 
     # ----- stage 0
     def prepare(self) -> None:
@@ -323,9 +355,8 @@ class Trainer:
         self.finish_stage(2, model, self.stage_dir(2) / "checkpoint.jsonl", evaluate_at=r.high_res)
 
     # ----- stage 3
-    def stage3(self, task: str, freeze_vision: bool = False, init: Path | None = None,
-               data: Path | None = None) -> None:
-        """Transfer to one task (or to a JSONL dataset): cosine schedule, final soft-cap off."""
+    def stage3(self, task: str, transfer: Transfer, init: Path | None = None, data: Path | None = None) -> None:
+        """Transfer to one task (or to a JSONL dataset) as `transfer` says; final soft-cap off."""
         if self.done(3):
             return
         r = self.recipe
@@ -338,21 +369,35 @@ class Trainer:
         model = PaliGemma(cfg).to(self.device)
         model.load_state_dict(base.state_dict())
         size = cfg.vision.image_size
-        if freeze_vision:
+        if transfer.freeze_vision:
             model.vision.requires_grad_(False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [ParamGroup("all", trainable, r.transfer_lr, partial(cosine_schedule, total=r.stage3_steps))]
+        lr, schedule, optimizer = r.transfer_lr, partial(cosine_schedule, total=r.stage3_steps), "adamw"
+        if transfer.method == "lora":  # before fit, which may resume the adapters from a checkpoint
+            add_lora(model, transfer.lora_rank, transfer.lora_rank, transfer.lora_targets)
+            lr = r.lora_lr
+        if transfer.method == "colab":
+            model.requires_grad_(False)
+            for layer in model.llm.layers:
+                layer.attn.requires_grad_(True)
+            lr, optimizer = COLAB_LR, "sgd"
+            schedule = partial(cosine_schedule, total=r.stage3_steps, warmup_fraction=0.1)
+        self.log(f"stage 3: {transfer.method} fine-tuning, {describe_trainable(model)}")
+        groups = [ParamGroup("all", [p for p in model.parameters() if p.requires_grad], lr, schedule)]
         if data is not None:
             dataset = JsonlDataset(data)
             next_batch = partial(jsonl_examples, dataset, r.batch_size, seed=self.seed)
         else:
             next_batch = partial(world_examples, self.world, size, {task: 1.0}, r.batch_size, 10**6)
-        self.paligemma_fit(model.train(), 3, r.stage3_steps, groups, next_batch, size)
+        self.paligemma_fit(model.train(), 3, r.stage3_steps, groups, next_batch, size, optimizer)
+        if transfer.method == "lora":
+            if self.rank == 0:
+                save_lora(model, self.stage_dir(3) / "adapter.safetensors")
+            merge_lora(model)
         self.finish_stage(3, model, self.stage_dir(3) / "checkpoint.jsonl", evaluate_at=None if data is not None else size)
 
 
 def run(recipe: str | Recipe, out, stages=(0, 1, 2, 3), task: str | None = None, seed: int = 0, device=None,
-        freeze_vision: bool = False, init=None, data=None, fsdp: bool = False) -> dict[str, dict[str, float]]:
+        transfer: Transfer = Transfer(), init=None, data=None, fsdp: bool = False) -> dict[str, dict[str, float]]:
     """Run the given stages of a recipe into `out`; return the held-out metrics per stage."""
     if init is not None and data is None:
         raise ValueError("--init transfers official weights to a dataset of your own: give --data too")
@@ -366,7 +411,7 @@ def run(recipe: str | Recipe, out, stages=(0, 1, 2, 3), task: str | None = None,
             if stage in stages:
                 run_stage()
     if 3 in stages:
-        trainer.stage3(task or recipe.transfer_task, freeze_vision, Path(init) if init else None,
+        trainer.stage3(task or recipe.transfer_task, transfer, Path(init) if init else None,
                        Path(data) if data else None)
     trainer.log(f"done in {time.time() - started:.0f} s; held-out metrics per stage:\n{metrics_table(trainer.metrics)}")
     return trainer.metrics

@@ -25,7 +25,7 @@ from minipaligemma.loop import ParamGroup, TrainingDiverged, fit, load_checkpoin
 from minipaligemma.plots import save_figure, stage_figure, stages_figure
 from minipaligemma.schedules import cosine_schedule, rsqrt_schedule
 from minipaligemma.tokenizer import Tokenizer, train_tokenizer
-from minipaligemma.train import RECIPES, paligemma_batch, paligemma_step_loss, run, world_examples
+from minipaligemma.train import RECIPES, Transfer, paligemma_batch, paligemma_step_loss, run, world_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -274,6 +274,36 @@ def test_transfer_from_weights_on_a_jsonl_dataset(tokenizer, tmp_path):
     assert state["step"] == 30
     assert sum(state["losses"][-5:]) / 5 < 0.5 * sum(state["losses"][:5]) / 5
     assert (tmp_path / "out" / "stage3" / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "colab"])
+def test_transfer_methods_train_what_they_say(tokenizer, tmp_path, method):
+    """LoRA trains adapters only and exports merged weights (plus the adapters alone); the
+    colab recipe changes the decoder's attention weights and nothing else. Both lower the loss."""
+    model = tiny_model(tokenizer)
+    write_hf_folder(to_hf_state_dict(model), model.config, tmp_path / "init")
+    tokenizer.save(tmp_path / "init" / "tokenizer.model")
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow"] * 2):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "prefix": "answer en what colour is it?", "suffix": colour}))
+    (tmp_path / "train.jsonl").write_text("\n".join(rows))
+    recipe = replace(RECIPES["tiny"], batch_size=8, stage3_steps=60, lora_lr=3e-2)  # an untrained base: a large rate
+    run(recipe, tmp_path / "out", stages=(3,), init=tmp_path / "init", data=tmp_path / "train.jsonl",
+        transfer=Transfer(method=method, lora_rank=4))
+    state = json.loads((tmp_path / "out" / "stage3" / "checkpoint.json").read_text())
+    # An untrained base learns slowly through adapters or attention alone: measured 0.87 (lora), 0.91 (colab).
+    assert sum(state["losses"][-5:]) < 0.95 * sum(state["losses"][:5])
+    before, after = load_file(tmp_path / "init" / "model.safetensors"), load_file(
+        tmp_path / "out" / "stage3" / "model" / "model.safetensors")
+    assert before.keys() == after.keys()  # merged: an ordinary checkpoint, no adapter tensors
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    if method == "colab":
+        assert changed and all(".self_attn." in k and "language_model" in k for k in changed)
+    else:  # rank 4 on the decoder's attention and MLP: every one of those weights moves, nothing else
+        assert changed == {k for k in before if "language_model" in k and k.endswith("proj.weight")}
+        adapters = load_file(tmp_path / "out" / "stage3" / "adapter.safetensors")
+        assert adapters and all(k.endswith(("lora_a", "lora_b")) for k in adapters)
 
 
 def held_out_loss(model: PaliGemma, tokenizer, task_examples: list, size: int) -> float:
