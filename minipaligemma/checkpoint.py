@@ -135,8 +135,9 @@ def _listing(keys: list[str], bound: int = 10) -> str:
     return f"{keys[:bound]}{f' and {len(keys) - bound} more' if len(keys) > bound else ''}"
 
 
-def _some(items: list[str], bound: int = 10) -> str:
-    """The first `bound` items joined by "; ", and how many more there are."""
+def bounded(items: list[str], bound: int = 10) -> str:
+    """The first `bound` items joined by "; ", and how many more there are: error messages
+    list every problem of a kind up to a bound, so that they stay short."""
     return "; ".join(items[:bound]) + (f"; and {len(items) - bound} more" if len(items) > bound else "")
 
 
@@ -154,8 +155,8 @@ def tensor_problems(expected: dict[str, tuple], found: dict[str, torch.Tensor]) 
                for key in present if not found[key].is_floating_point()]
     problems = [f"missing keys {_listing(missing)}"] if missing else []
     problems += [f"unexpected keys {_listing(unexpected)}"] if unexpected else []
-    problems += [_some(misshaped)] if misshaped else []
-    problems += [f"not floating point: {_some(untyped)}"] if untyped else []
+    problems += [bounded(misshaped)] if misshaped else []
+    problems += [f"not floating point: {bounded(untyped)}"] if untyped else []
     return problems
 
 
@@ -584,7 +585,7 @@ def _npz_arrays(archive: zipfile.ZipFile, path: Path) -> dict[str, np.ndarray]:
         with archive.open(info) as member:
             arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
     if not_numbers:
-        raise CheckpointError(f"{path}: arrays that hold no numbers: {_some(not_numbers)}; this package never "
+        raise CheckpointError(f"{path}: arrays that hold no numbers: {bounded(not_numbers)}; this package never "
                               "unpickles, and weights are float arrays")
     return arrays
 

@@ -48,6 +48,8 @@ def read_json(path: str | os.PathLike) -> object:
         raise BadInput(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
     except UnicodeDecodeError as err:
         raise BadInput(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise BadInput(f"{path}: not valid JSON ({err})") from None
     except RecursionError:
         raise BadInput(f"{path}: JSON nested too deeply to read") from None
     except OSError as err:  # a folder, no permission, ...
