@@ -248,6 +248,10 @@ def _processor(model_proto: bytes) -> spm.SentencePieceProcessor:
         sp = spm.SentencePieceProcessor(model_proto=model_proto)
     except RuntimeError as err:  # SentencePiece reports every malformed model as a RuntimeError
         raise BadInput(f"not a SentencePiece model ({str(err).strip() or 'unreadable protobuf'})") from None
+    except UnicodeDecodeError:  # ... whose message quotes a piece, which may not be UTF-8
+        raise BadInput("not a SentencePiece model (it refuses a piece that is not UTF-8 text)") from None
+    if not sp.serialized_model_proto():  # SentencePiece accepted no model at all (every other call would log)
+        raise BadInput("not a SentencePiece model (no pieces)")
     for i in range(sp.get_piece_size()):
         try:
             sp.id_to_piece(i)
