@@ -7,7 +7,7 @@
 Each command is a small function over the package's public API; `--help` on any of them
 lists its options. Bad input (a damaged or unusual file, an option out of range, a prompt
 longer than the model's context) ends with exit status 2 and one line `error: ...` naming the
-file and what is wrong; argparse reports bad options the same way. A traceback means a bug.
+file and what is wrong; a bad option is reported the same way. A traceback means a bug.
 """
 
 import argparse
@@ -180,8 +180,15 @@ def _stages(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in stages)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting a bad option as one line like every other bad input (status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minipaligemma", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m minipaligemma", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("generate", help="answer a prompt about an image, streamed")

@@ -562,7 +562,7 @@ MAX_LISTED_ROWS = 10  # bad rows named in one error; the rest are counted
 def _read_row(line: bytes, folder: Path) -> tuple[Path, str, str]:
     """(image path, prefix, suffix) of one JSONL line; a BadInput says what is wrong with it."""
     try:
-        row = json.loads(line)  # bytes: text that is not UTF-8 is a BadInput of this line too
+        row = json.loads(line.rstrip(b"\r\n"))  # bytes: text that is not UTF-8 is a BadInput of this line too
     except json.JSONDecodeError as error:
         raise BadInput(f"invalid JSON ({error.msg} at column {error.colno})") from None
     except UnicodeDecodeError as error:
@@ -582,7 +582,7 @@ def _read_row(line: bytes, folder: Path) -> tuple[Path, str, str]:
             except UnicodeEncodeError:  # JSON can spell a lone surrogate, "\ud800", which is not text
                 problems.append(f'"{key}" holds a lone surrogate, which is not text')
     if problems:
-        raise BadInput("; ".join(problems))
+        raise BadInput(", ".join(problems))
     if "\n" in row["prefix"]:
         raise BadInput('"prefix" must not contain "\\n", the separator between prefix and suffix')
     path = folder / row["image"]  # an absolute path stays as it is
