@@ -361,7 +361,8 @@ def hf_text_config(t: TextConfig) -> dict:
     text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=t.depth,
                 num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
                 rms_norm_eps=t.norm_eps, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                max_position_embeddings=t.max_positions, rope_parameters={"rope_type": "default", "rope_theta": t.rope_base})
+                max_position_embeddings=t.max_positions,
+                rope_parameters={"rope_type": "default", "rope_theta": t.rope_base})
     if t.version == 1:
         if t.query_pre_attn_scalar != t.head_dim:
             raise ValueError("transformers' Gemma 1 scales queries by head_dim; this config does not")
@@ -733,7 +734,8 @@ def read_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], dict | No
     elif path.suffix == ".safetensors":
         fmt, tensors, config_json = "hf", read_safetensors(path), None
     elif path.suffix == ".npz":
-        fmt, tensors, config_json = "npz", _renamed(read_npz(path), lambda k: k.removeprefix("params/"), str(path)), None
+        tensors = _renamed(read_npz(path), lambda k: k.removeprefix("params/"), str(path))
+        fmt, config_json = "npz", None
     else:
         raise CheckpointError(f"{path}: unknown checkpoint format; expected a transformers folder, "
                               ".safetensors or a big_vision .npz")

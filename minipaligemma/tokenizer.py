@@ -328,7 +328,8 @@ def _sentencepiece_from_json(spec: object) -> bytes:
     types = {}
     for token in _field(spec, "added_tokens", list):
         if not (isinstance(token, dict) and isinstance(token.get("id"), int) and isinstance(token.get("content"), str)):
-            raise BadInput(f'every "added_tokens" entry needs an integer "id" and a string "content", got {token!r:.80}')
+            raise BadInput(f'every "added_tokens" entry needs an integer "id" and a string "content", '
+                           f"got {token!r:.80}")
         if token["id"] >= len(pieces):
             continue  # past the BPE vocabulary, like <image> (module docstring)
         if not 0 <= token["id"] or pieces[token["id"]] != token["content"]:

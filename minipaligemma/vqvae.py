@@ -28,9 +28,10 @@ Design choices:
 - Values. Masks in [0, 1] enter the encoder as 2 * (m - 0.5), in [-1, 1]; the decoder output is
   a logit-like map "roughly in [-1, 1]" that callers threshold at 0.
 - Loading is strict: every missing, unexpected, mis-shaped or non-float tensor is named (with
-  both shapes) in one BadInput, as are files that cannot be read. The only tolerated extras are the exponential-moving-average statistics of the
-  original training code (`_vq_vae._ema_w`, `_vq_vae._ema_cluster_size`), which inference never
-  uses; they are named explicitly, not silenced by a blanket `strict=False`.
+  both shapes) in one BadInput, as is a file that cannot be read. The only tolerated extras
+  are the exponential-moving-average statistics of the original training code
+  (`_vq_vae._ema_w`, `_vq_vae._ema_cluster_size`), which inference never uses; they are named
+  explicitly, not silenced by a blanket `strict=False`.
 - Training (for tiny models that need a tokenizer of their own): plain VQ-VAE of van den Oord et
   al. 2017 - mean squared reconstruction error against the [-1, 1] target (the official
   objective, so threshold 0 still means "inside"), codebook loss plus 0.25 x commitment loss,

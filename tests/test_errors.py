@@ -6,8 +6,8 @@ that lies; a shard that is missing), so each expected message follows from the d
 The property tests at the end give every reader random, truncated and bit-flipped bytes.
 """
 
+import io
 import json
-import os
 import pickle
 import signal
 import subprocess
@@ -26,9 +26,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from minipaligemma import PaliGemma, get_config, load
-from minipaligemma.checkpoint import (CheckpointError, canonical_hf_key, convert, read_checkpoint, read_safetensors_file,
-                                      to_bigvision, to_hf_state_dict, write_hf_folder, write_npz)
-from minipaligemma.config import PaliGemmaConfig, TextConfig, VisionConfig, check_context
+from minipaligemma.checkpoint import (CheckpointError, canonical_hf_key, convert, read_checkpoint,
+                                      read_safetensors_file, to_bigvision, to_hf_state_dict, write_hf_folder,
+                                      write_npz)
+from minipaligemma.config import PRESETS, PaliGemmaConfig, TextConfig, VisionConfig, check_context
 from minipaligemma.data import JsonlDataset, World
 from minipaligemma.files import BadInput, MissingFile, read_json
 from minipaligemma.generate import generate
@@ -162,8 +163,6 @@ def test_pickled_arrays_are_named_and_never_unpickled(tmp_path):
 def test_an_npz_header_that_lies_is_refused_before_allocating(tmp_path):
     """A header claiming 10^12 floats in a member of 40 bytes: refused, nothing allocated."""
     header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
-    member = bytearray()
-    import io
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, header)
     member = buffer.getvalue() + b"\0" * 40
@@ -246,8 +245,7 @@ def test_context_length_round_trips_through_config_json(tmp_path):
     folder = hf_folder(tmp_path / "w", cfg=cfg)
     assert json.loads((folder / "config.json").read_text())["text_config"]["max_position_embeddings"] == 100
     assert load(folder).config.text.max_positions == 100
-    assert all(c.text.max_positions == 8192 for name, c in __import__("minipaligemma").config.PRESETS.items()
-               if name.startswith("paligemma"))
+    assert all(c.text.max_positions == 8192 for name, c in PRESETS.items() if name.startswith("paligemma"))
 
 
 def test_check_context_names_the_numbers():
@@ -290,7 +288,8 @@ def test_conversion_writes_a_whole_folder_and_overwrites_nothing(tmp_path, token
     tokenizer.save(tmp_path / "tokenizer.model")
     convert(src, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tokenizer.model", "w.npz"]  # no temporary left
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    written = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert written == ["config.json", "model.safetensors", "tokenizer.model"]
     assert load(tmp_path / "hf").tokenizer.model_proto == tokenizer.model_proto
     with pytest.raises(BadInput, match="hf: already exists"):
         convert(src, tmp_path / "hf")
@@ -430,7 +429,8 @@ def test_cli_tokenizer_json_only(cli_weights, tmp_path):
     (folder / "tokenizer.json").write_bytes((tmp_path / "saved" / "tokenizer.json").read_bytes())
     assert load(folder).tokenizer.vocab_size == load(cli_weights).tokenizer.vocab_size
     args = ["--image", cli_weights.parent / "in.png", "--prompt", "caption en", "--max-new-tokens", 5]
-    with_json, with_model = cli("generate", "--weights", folder, *args), cli("generate", "--weights", cli_weights, *args)
+    with_json = cli("generate", "--weights", folder, *args)
+    with_model = cli("generate", "--weights", cli_weights, *args)
     assert with_json.returncode == with_model.returncode == 0, with_json.stderr
     assert with_json.stdout == with_model.stdout
 
@@ -550,7 +550,8 @@ def test_damaged_files_raise_only_bad_input(valid, tmp_path, name):
     @FUZZ
     @given(data=damaged(files[name]))
     def check(data):
-        path = fresh_hf_folder(valid, tmp_path, name) if name in ("model.safetensors", "config.json") else tmp_path / name
+        in_folder = name in ("model.safetensors", "config.json")
+        path = fresh_hf_folder(valid, tmp_path, name) if in_folder else tmp_path / name
         only_bad_input(READERS[name], path, data)
 
     check()

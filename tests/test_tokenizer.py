@@ -342,7 +342,8 @@ def test_tokenizer_json_beside_the_weights_is_found(tok, tokenizer_json, tmp_pat
 def test_converted_tokenizer_saves_as_a_tokenizer_model(tok, tokenizer_json, tmp_path):
     Tokenizer.from_json(tokenizer_json).save(tmp_path / "tokenizer.model")
     again = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
-    assert [again.id_to_piece(i) for i in range(tok.vocab_size)] == [tok._sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    pieces = range(tok.vocab_size)
+    assert [again.id_to_piece(i) for i in pieces] == [tok._sp.id_to_piece(i) for i in pieces]
     for text in varied_strings(50):
         assert again.encode(text) == tok.encode(text)
 
