@@ -5,7 +5,9 @@
     inspect   what a checkpoint holds: format, config, dtype, parameters per part
 
 Each command is a small function over the package's public API; `--help` on any of them
-lists its options.
+lists its options. Bad input (a damaged or unusual file, an option out of range, a prompt
+longer than the model's context) ends with exit status 2 and one line `error: ...` naming the
+file and what is wrong; a bad option is reported the same way. A traceback means a bug.
 """
 
 import argparse
@@ -16,22 +18,53 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import config_from_bigvision, config_from_hf, convert, load, read_checkpoint
+from PIL import Image
+
+from .checkpoint import check_checkpoint, config_of, convert, load, read_checkpoint
+from .files import BadInput, atomic_write
 from .generate import generate, greedy, sample
 from .image import load_image
 from .paligemma import PaliGemma
 from .tasks import draw, parse_detections, parse_segmentations
+from .tokenizer import find_tokenizer
 from .vqvae import load_vqvae
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _device(name: str) -> torch.device:
+    """The torch device a --device option names, if this machine has it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInput(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: this machine has no CUDA device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput(f"--device {name}: this machine has no MPS device")
+    return device
+
+
+def _drawing_format(path: Path) -> str:
+    """The PIL format a --draw file name asks for, checked before anything is computed."""
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise BadInput(f"--draw {path}: unknown image file extension; use .png or .jpg")
+    if not path.parent.is_dir():
+        raise BadInput(f"--draw {path}: the folder {path.parent} does not exist")
+    return image_format
+
+
 def cmd_generate(args) -> None:
     """Answer a prompt about an image, printing the answer as it is generated."""
-    model = load(args.weights, dtype=DTYPES[args.dtype], device=args.device)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.weights}: no tokenizer.model beside the weights")
+    if args.beam and args.temperature > 0:
+        raise BadInput("--beam and --temperature: beam search does not sample; give one or the other")
+    device = _device(args.device)  # the cheap checks first, before minutes of loading and decoding
+    drawing_format = _drawing_format(Path(args.draw)) if args.draw else None
     image = load_image(args.image)
+    model = load(args.weights, dtype=DTYPES[args.dtype], device=device)
+    if model.tokenizer is None:
+        raise BadInput(f"{args.weights}: no tokenizer.model or tokenizer.json beside the weights")
     if args.temperature > 0:
         sampler = partial(sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           generator=torch.Generator(model.llm.embed.weight.device).manual_seed(args.seed))
@@ -57,35 +90,50 @@ def cmd_generate(args) -> None:
             objects = parse_segmentations(answer, size, load_vqvae(vqvae_path))
         else:
             objects = parse_detections(answer, size)
-        draw(image, [o for o in objects if o.valid]).save(args.draw)
+        drawing = draw(image, [o for o in objects if o.valid])
+        atomic_write(args.draw, lambda f: drawing.save(f, format=drawing_format))
         print(f"drew {sum(o.valid for o in objects)} object(s) on {args.draw}")
 
 
 def cmd_train(args) -> None:
     """The stages of a training recipe; see minipaligemma/train.py."""
-    from .train import run  # the trainer's imports are heavier than the other commands need
-    stages = tuple(int(s) for s in args.stages.split(","))
-    run(args.preset, args.out, stages=stages, task=args.task, seed=args.seed, device=args.device,
-        freeze_vision=args.freeze_vision, init=args.init, data=args.data, fsdp=args.fsdp)
+    from .lora import DEFAULT_TARGETS
+    from .train import RECIPES, Transfer, run  # the trainer's imports are heavier than the other commands need
+    if args.preset not in RECIPES:
+        raise BadInput(f"--preset {args.preset}: unknown; the recipes are {', '.join(RECIPES)}")
+    if args.lora is not None and args.colab:
+        raise BadInput("--lora and --colab are two ways of fine-tuning: choose one")
+    device = None if args.device is None else _device(args.device)
+    method = "lora" if args.lora is not None else "colab" if args.colab else "full"
+    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else DEFAULT_TARGETS
+    transfer = Transfer(method, args.freeze_vision, args.lora or 16, targets)
+    run(args.preset, args.out, stages=args.stages, task=args.task, seed=args.seed, device=device,
+        transfer=transfer, init=args.init, data=args.data, fsdp=args.fsdp)
 
 
 def cmd_inspect(args) -> None:
-    """Print a checkpoint's format, inferred config, dtype and parameter counts per part."""
-    fmt, tensors, config_json = read_checkpoint(Path(args.path))
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    cfg = config_from_hf(shapes, config_json) if fmt == "hf" else config_from_bigvision(shapes)
-    with torch.device("meta"):
-        model = PaliGemma(cfg)
+    """Print a checkpoint's format, inferred config, dtype and parameter counts per part, then
+    make every check `load` makes (tokenizer included): what could be read is printed before
+    the first problem ends the command."""
+    path = Path(args.path)
+    fmt, tensors, config_json = read_checkpoint(path)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     print(f"format      {'transformers (safetensors)' if fmt == 'hf' else 'big_vision (.npz)'}")
     print(f"dtype       {', '.join(dtypes)}")
     print(f"tensors     {len(tensors)}")
+    cfg = config_of(fmt, tensors, config_json, str(path))
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
     for part in ("vision", "projector", "llm"):
         count = sum(p.numel() for p in getattr(model, part).parameters())
         print(f"{part:<11} {count:>15,} parameters")
     print(f"{'total':<11} {sum(p.numel() for p in model.parameters()):>15,} parameters")
     print(f"vision      {asdict(cfg.vision)}")
-    print(f"text        {asdict(cfg.text)}")
+    print(f"text        {asdict(cfg.text)}", flush=True)
+    check_checkpoint(fmt, tensors, cfg, str(path))
+    tokenizer = find_tokenizer(path if path.is_dir() else path.parent)
+    print(f"tokenizer   {'none beside the weights' if tokenizer is None else f'{tokenizer.vocab_size} pieces'}")
+    print("check       ok: every tensor the model needs, with the shape and dtype it needs")
 
 
 def cmd_convert(args) -> None:
@@ -104,6 +152,47 @@ def cmd_bench(args) -> None:
     bench(args.config.split(","), args.device, args.repeats, args.peak_tflops, args.threads, command)
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float, low_open: bool = False):
+    """An argparse type: a float in [low, high], or (low, high] with low_open."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+        return value
+    return parse
+
+
+def _stages(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated stages among 0, 1, 2, 3."""
+    stages = tuple(part.strip() for part in text.split(","))
+    if not stages or any(part not in ("0", "1", "2", "3") for part in stages):
+        raise argparse.ArgumentTypeError(f"expected stages among 0,1,2,3 separated by commas, got {text!r}")
+    return tuple(int(part) for part in stages)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting a bad option as one line like every other bad input (status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
 def cmd_plan(args) -> None:
     """Print the planned memory of one training step; see minipaligemma/plan.py."""
     from .lora import DEFAULT_TARGETS
@@ -115,18 +204,19 @@ def cmd_plan(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minipaligemma", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m minipaligemma", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("generate", help="answer a prompt about an image, streamed")
-    p.add_argument("--weights", required=True, help="a checkpoint load() reads, with tokenizer.model beside it")
+    p.add_argument("--weights", required=True,
+                   help="a checkpoint load() reads, with tokenizer.model or tokenizer.json beside it")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True, help='e.g. "caption en", "detect cat", "answer en what is this?"')
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--beam", type=int, default=None, help="beam search with this many beams")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    p.add_argument("--temperature", type=_number(0.0, float("inf")), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_at_least(1), default=None)
+    p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), default=None)
+    p.add_argument("--beam", type=_at_least(1), default=None, help="beam search with this many beams")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
@@ -137,9 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="the three-stage trainer (plus stage 0)")
     p.add_argument("--preset", default="tiny", help="tiny (a CPU, minutes) or small (one GPU, about an hour)")
     p.add_argument("--out", required=True, help="output folder, e.g. runs/tiny; rerunning resumes")
-    p.add_argument("--stages", default="0,1,2,3")
+    p.add_argument("--stages", type=_stages, default=(0, 1, 2, 3))
     p.add_argument("--task", default=None, help="the stage 3 transfer task (default: the preset's, ocr)")
     p.add_argument("--freeze-vision", action="store_true", help="stage 3: freeze the image encoder")
+    p.add_argument("--lora", type=_at_least(1), default=None, metavar="RANK",
+                   help="stage 3: train LoRA adapters of this rank only (the exported model is merged)")
+    p.add_argument("--lora-targets", default=None,
+                   help="with --lora: comma-separated TOWER.ROLE, e.g. llm.attn,vision.q (default llm.attn,llm.mlp)")
+    p.add_argument("--colab", action="store_true",
+                   help="stage 3: big_vision's colab recipe (decoder attention weights only, SGD at 0.03)")
     p.add_argument("--init", help="stage 3 from official weights (needs --data)")
     p.add_argument("--data", help="stage 3 on a JSONL dataset of {image, prefix, suffix}")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")
@@ -182,12 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; bad input is one line on stderr and exit status 2 (as argparse's own)."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except BadInput as err:
+        print("error: " + " ".join(str(err).splitlines()), file=sys.stderr)
+        return 2
     return 0
 
 

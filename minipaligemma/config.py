@@ -21,6 +21,8 @@ Two choices that differ between implementations are explicit fields here:
 
 from dataclasses import dataclass, field
 
+from .files import BadInput
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -69,6 +71,7 @@ class TextConfig:
     head_dim: int = 256
     query_pre_attn_scalar: int = 256  # queries are scaled by its inverse square root
     rope_base: float = 10_000.0
+    max_positions: int = 8192  # context length, image + text tokens (transformers: max_position_embeddings)
     norm_eps: float = 1e-6
     attn_softcap: float | None = 50.0  # Gemma 2: attention logits capped at 50
     # "eager": plain matmuls (the reference); "sdpa": PyTorch's fused kernel, used only where no
@@ -105,6 +108,17 @@ class PaliGemmaConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
+
+
+def check_context(text: TextConfig, image_tokens: int, text_tokens: int, what: str) -> None:
+    """Raise BadInput unless image_tokens + text_tokens fit in the decoder's context
+    (`max_positions`). Gemma was trained on 8192 positions; RoPE would compute past them, but
+    what it computes there was never trained. Prompts are refused, never cut. `what` names
+    the input in the message, e.g. "prompt 0" or "data.jsonl line 7"."""
+    total = image_tokens + text_tokens
+    if total > text.max_positions:
+        raise BadInput(f"{what}: {image_tokens} image tokens + {text_tokens} text tokens = {total} positions, "
+                       f"more than the model's context of {text.max_positions} (max_position_embeddings)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .config import check_context
 from .image import preprocess
 from .paligemma import PaliGemma, PaliGemmaCache
 from .tokenizer import EOS_ID, PAD_ID, Tokenizer, encode_example, pad_batch
@@ -255,15 +256,20 @@ def generate(model: PaliGemma, tokenizer: Tokenizer, images: Sequence, prompts: 
     several frames), preprocessed by `image.preprocess` at the model's resolution. Each prompt
     is laid out as `[bos prompt] ["\n"]` and the batch is right-padded. `max_text_len` (None =
     no limit) is the longest text the model may see, prompt plus answer: a prompt that cannot
-    fit with max_new_tokens is an error, never a silent cut. `beam_size` switches from the
-    sampler to beam search, which decides its answer only at the end (no `on_token` then).
+    fit with max_new_tokens is an error, never a silent cut; so is one whose image tokens, text
+    and max_new_tokens exceed the model's context (`TextConfig.max_positions`). `beam_size`
+    switches from the sampler to beam search, which decides its answer only at the end (no
+    `on_token` then).
     """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts: "
                          "give one image (or list of frames) per prompt")
     examples = [encode_example(tokenizer, prompt) for prompt in prompts]
-    for i, example in enumerate(examples):
+    for i, (example, image) in enumerate(zip(examples, images)):
+        frames = len(image) if isinstance(image, (list, tuple)) else 1
         needed = len(example["input_ids"]) + max_new_tokens
+        check_context(model.config.text, frames * model.config.num_image_tokens, needed,
+                      f"prompt {i} ({len(example['input_ids'])} tokens) with max_new_tokens={max_new_tokens}")
         if max_text_len is not None and needed > max_text_len:
             raise ValueError(
                 f"prompt {i} has {len(example['input_ids'])} tokens (bos and \"\\n\" included); with "

@@ -5,7 +5,9 @@ module does exactly that and nothing more:
 
 1. Load: `load_image` opens a file with PIL, applies the EXIF orientation (phones store photos
    sideways and record the rotation there; transformers' `load_image` does the same), and
-   converts to RGB. A file PIL cannot read is a ValueError that names the path.
+   converts to RGB. A file PIL cannot read (not an image, truncated, corrupt, or so large
+   that PIL suspects a decompression bomb) is a BadInput that names the path; a missing file is
+   a MissingFile (both a BadInput and a FileNotFoundError).
 2. Convert to RGB (`to_rgb`), whatever the PIL mode:
    - transparency (RGBA, LA, PA, premultiplied RGBa/La, or a palette/colour-key transparency) is
      composited onto a white background. Dropping the alpha channel instead would expose the
@@ -39,6 +41,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .files import BadInput, MissingFile
+
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -60,7 +64,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as an upright RGB PIL image; a file that is not an image is a ValueError.
+    """Read an image file as an upright RGB PIL image; a file that is not an image is a BadInput.
 
     Animated formats (GIF, WebP, ...) give their first frame.
     """
@@ -69,9 +73,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             image.load()  # decode now, so a truncated file fails here, inside the try
             return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
-        raise  # already names the path
-    except OSError as error:  # UnidentifiedImageError (not an image), truncated or corrupt data
-        raise ValueError(f"cannot read an image from {os.fspath(path)!r}: {error}") from error
+        raise MissingFile(f"{os.fspath(path)}: image file not found") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # PIL's decoders raise OSError, ValueError, SyntaxError, ... on damaged data
+        raise BadInput(f"cannot read an image from {os.fspath(path)!r}: {error}") from error
 
 
 def _as_rgb_image(image: Image.Image | np.ndarray | str | os.PathLike) -> Image.Image:

@@ -29,18 +29,47 @@ Prompt layout (big_vision, spec §3.1-3.3), per example:
 
 For decoding there is no suffix: `[bos prefix] ["\n"]`, all mask_ar 0. A batch is padded on the
 right with token 0 (pad), mask_ar 1, mask_loss 0 and mask_input 0 (mask_input 1 = real token).
+
+Two files hold the same tokenizer. `tokenizer.model` is the SentencePiece model itself;
+`tokenizer.json` is the fast-tokenizer format that transformers writes (and the one file some
+checkpoint folders carry). For Gemma it describes a BPE model: the vocabulary (piece -> id),
+the merges in priority order, which pieces are special, and byte fallback. `from_json`
+converts it back into a SentencePiece model and loads that, rather than tokenizing with the
+`tokenizers` library: one engine then does all the tokenizing, whichever file was read, so
+both give the same ids by construction and `save` writes a `tokenizer.model` either way; and
+no dependency is added. The conversion (`_sentencepiece_from_json`) is the inverse of
+transformers' Gemma converter:
+
+    tokenizer.json                       SentencePiece piece
+    model.vocab  piece -> id             piece at that id, in id order
+    added token, special                 CONTROL (pad, eos, bos, ...)
+    added token, not special             USER_DEFINED ("\n", <loc>, <seg>): always one token
+    model.unk_token                      UNKNOWN
+    <0x00>..<0xFF> with byte_fallback    BYTE
+    other pieces                         NORMAL, score -(rank of the first merge making it)
+
+SentencePiece's BPE merges, at each step, the adjacent pair whose merged piece scores
+highest; transformers wrote the merges sorted by that score, so a piece's first merge rank
+gives back the order of the scores. Only Gemma's layout is read (BPE, spaces written as "▁",
+no dummy prefix, no other normalization); anything else is refused with a message. Tokens
+added past the end of the BPE vocabulary (the `<image>` placeholder that transformers'
+PaliGemma processor appends at id 257152) are left out: they are not text, and our models put
+image embeddings in directly.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import struct
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import sentencepiece as spm
 import torch
 
-from .files import atomic_write
+from .files import BadInput, MissingFile, atomic_write, read_json
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 NUM_LOC_TOKENS = 1024
@@ -77,37 +106,56 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _user_defined_piece_record(piece: str) -> bytes:
-    """Serialized `ModelProto.pieces` entry (field 1) holding {piece (field 1), type (field 3)}.
+# Protobuf fields. A field starts with the varint field_number << 3 | wire_type, where wire
+# type 0 is a varint, 2 a length-prefixed run of bytes (a string or a nested message) and 5 a
+# 4-byte float.
+def _varint_field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value)
 
-    A protobuf key byte is field_number << 3 | wire_type (2 = length-delimited, 0 = varint);
-    the score (field 2) is left at its default, 0.
-    """
-    text = piece.encode("utf-8")
-    user_defined = 4  # sentencepiece_model.proto: SentencePiece.Type.USER_DEFINED
-    message = b"\x0a" + _varint(len(text)) + text + b"\x18" + _varint(user_defined)
-    return b"\x0a" + _varint(len(message)) + message
+
+def _bytes_field(number: int, value: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _float_field(number: int, value: float) -> bytes:
+    return _varint(number << 3 | 5) + struct.pack("<f", value)
+
+
+# sentencepiece_model.proto: SentencePiece.Type
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+
+
+def _piece_record(piece: str, piece_type: int, score: float = 0.0) -> bytes:
+    """Serialized `ModelProto.pieces` entry (field 1) holding {piece (1), score (2), type (3)};
+    a score of 0 (the default) is left out."""
+    message = _bytes_field(1, piece.encode("utf-8"))
+    if score:
+        message += _float_field(2, score)
+    return _bytes_field(1, message + _varint_field(3, piece_type))
 
 
 class Tokenizer:
     """A SentencePiece model with PaliGemma's special-id layout; see the module docstring."""
 
     def __init__(self, model_proto: bytes):
-        """Load a serialized SentencePiece model, appending the <loc>/<seg> pieces if it lacks them."""
-        sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        """Load a serialized SentencePiece model, appending the <loc>/<seg> pieces if it lacks them.
+
+        A model that SentencePiece cannot read, or with another special-id layout, is BadInput.
+        """
+        sp = _processor(model_proto)
         ids = [sp.piece_to_id(piece) for piece in PALIGEMMA_TOKENS]
         if all(i == sp.unk_id() for i in ids):  # none present: append them
-            model_proto += b"".join(_user_defined_piece_record(piece) for piece in PALIGEMMA_TOKENS)
-            sp = spm.SentencePieceProcessor(model_proto=model_proto)
+            model_proto += b"".join(_piece_record(piece, USER_DEFINED) for piece in PALIGEMMA_TOKENS)
+            sp = _processor(model_proto)
             ids = [sp.piece_to_id(piece) for piece in PALIGEMMA_TOKENS]
         if ids != list(range(ids[0], ids[0] + len(PALIGEMMA_TOKENS))):
-            raise ValueError(
+            raise BadInput(
                 "the SentencePiece model has some <loc>/<seg> pieces but not all of them in one run "
                 "<loc0000>..<loc1023>, <seg000>..<seg127>"
             )
         found = (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id())
         if found != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
-            raise ValueError(f"expected Gemma's special ids (pad, eos, bos, unk) = (0, 1, 2, 3), got {found}")
+            raise BadInput(f"expected Gemma's special ids (pad, eos, bos, unk) = (0, 1, 2, 3), got {found}")
         self.model_proto = model_proto
         self.loc_base = ids[0]
         self._sp = sp
@@ -115,11 +163,26 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a `tokenizer.model` file (a serialized protobuf; nothing is unpickled)."""
-        with open(path, "rb") as f:
-            return cls(f.read())
+        try:
+            return cls(Path(path).read_bytes())
+        except FileNotFoundError:
+            raise MissingFile(f"{path}: file not found") from None
+        except OSError as err:
+            raise BadInput(f"{path}: cannot read ({err.strerror or err})") from None
+        except BadInput as err:
+            raise BadInput(f"{path}: {err}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a `tokenizer.json` file (Gemma's layout) by converting it to a SentencePiece model."""
+        spec = read_json(path)
+        try:
+            return cls(_sentencepiece_from_json(spec))
+        except BadInput as err:
+            raise BadInput(f"{path}: {err}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the model, <loc>/<seg> pieces included, as a `tokenizer.model` file."""
+        """Write the model, <loc>/<seg> pieces included, as a `tokenizer.model` file (atomically)."""
         atomic_write(path, lambda f: f.write(self.model_proto))
 
     # Gemma's special ids, checked when the model is loaded.
@@ -157,7 +220,13 @@ class Tokenizer:
         return self.loc_base + NUM_LOC_TOKENS + n
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without bos or eos."""
+        """Token ids of `text`, without bos or eos. Text that is not Unicode (a lone surrogate,
+        as Python makes of bytes that were not UTF-8) is BadInput."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise BadInput(f"the text holds {text[err.start]!r} at character {err.start}, which is not "
+                           "Unicode text (bytes that were not UTF-8?)") from None
         return self._sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -170,6 +239,125 @@ class Tokenizer:
         if outside:
             raise ValueError(f"token ids {outside} are outside the vocabulary of size {self.vocab_size}")
         return self._sp.decode(ids)
+
+
+def _processor(model_proto: bytes) -> spm.SentencePieceProcessor:
+    """A SentencePiece processor of a serialized model, every piece checked to be UTF-8 text
+    (SentencePiece loads a model with broken pieces and fails only when it decodes them)."""
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError as err:  # SentencePiece reports every malformed model as a RuntimeError
+        raise BadInput(f"not a SentencePiece model ({str(err).strip() or 'unreadable protobuf'})") from None
+    except UnicodeDecodeError:  # ... whose message quotes a piece, which may not be UTF-8
+        raise BadInput("not a SentencePiece model (it refuses a piece that is not UTF-8 text)") from None
+    if not sp.serialized_model_proto():  # SentencePiece accepted no model at all (every other call would log)
+        raise BadInput("not a SentencePiece model (no pieces)")
+    for i in range(sp.get_piece_size()):
+        try:
+            sp.id_to_piece(i)
+        except UnicodeDecodeError:
+            raise BadInput(f"not a SentencePiece model: piece {i} is not UTF-8 text") from None
+    return sp
+
+
+def find_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer in `folder`: `tokenizer.model` if there is one, else `tokenizer.json`,
+    else None."""
+    folder = Path(folder)
+    if (folder / "tokenizer.model").exists():
+        return Tokenizer.from_file(folder / "tokenizer.model")
+    if (folder / "tokenizer.json").exists():
+        return Tokenizer.from_json(folder / "tokenizer.json")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer.json -> SentencePiece model (module docstring).
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _field(spec: dict, key: str, kind: type, where: str = ""):
+    """spec[key], which must be a JSON value of the given kind (dict, list or str)."""
+    value = spec.get(key)
+    if not isinstance(value, kind):
+        raise BadInput(f'"{where}{key}" must be a {kind.__name__}, got {value!r:.60}')
+    return value
+
+
+def _check_gemma_text_handling(spec: dict) -> None:
+    """Refuse a tokenizer.json that treats text otherwise than Gemma: "▁" for every space, no
+    dummy prefix, no normalization. transformers writes either no pre-tokenizer or one that
+    splits at " ", of which no " " is left after the normalizer."""
+    normalizer = spec.get("normalizer")
+    if normalizer != {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}:
+        raise BadInput(f"only Gemma's tokenizer.json is read, whose normalizer writes each space as "
+                       f'"\u2581" and does nothing else; this one has {normalizer!r:.200}')
+    pre_tokenizer = spec.get("pre_tokenizer")
+    no_op_split = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
+    if pre_tokenizer not in (None, no_op_split):
+        raise BadInput(f"only Gemma's tokenizer.json is read, which splits no words before BPE; "
+                       f"this one has the pre_tokenizer {pre_tokenizer!r:.200}")
+
+
+def _sentencepiece_from_json(spec: object) -> bytes:
+    """A serialized SentencePiece BPE model equal to a Gemma-style tokenizer.json (module docstring)."""
+    if not isinstance(spec, dict):
+        raise BadInput(f"expected a JSON object, got {type(spec).__name__}")
+    model = _field(spec, "model", dict)
+    if model.get("type") != "BPE":
+        raise BadInput(f'only Gemma\'s BPE tokenizer.json is read; "model.type" is {model.get("type")!r:.60}')
+    _check_gemma_text_handling(spec)
+    vocab = _field(model, "vocab", dict, "model.")
+    pieces: list[str | None] = [None] * len(vocab)
+    for piece, i in vocab.items():
+        if not isinstance(i, int) or not 0 <= i < len(vocab) or pieces[i] is not None:
+            raise BadInput(f'"model.vocab" must number its {len(vocab)} pieces 0..{len(vocab) - 1}, '
+                           f"each once; {piece!r:.60} has id {i!r:.20}")
+        pieces[i] = piece
+
+    first_merge: dict[str, int] = {}
+    for rank, merge in enumerate(_field(model, "merges", list, "model.")):
+        pair = merge.split(" ") if isinstance(merge, str) else merge  # "a b" (older files) or ["a", "b"]
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p in vocab for p in pair)
+                and pair[0] + pair[1] in vocab):
+            raise BadInput(f'"model.merges" entry {rank} ({merge!r:.60}) is not two pieces of the vocabulary '
+                           "that make a third")
+        first_merge.setdefault(pair[0] + pair[1], rank)
+
+    types = {}
+    for token in _field(spec, "added_tokens", list):
+        if not (isinstance(token, dict) and isinstance(token.get("id"), int) and isinstance(token.get("content"), str)):
+            raise BadInput(f'every "added_tokens" entry needs an integer "id" and a string "content", '
+                           f"got {token!r:.80}")
+        if token["id"] >= len(pieces):
+            continue  # past the BPE vocabulary, like <image> (module docstring)
+        if not 0 <= token["id"] or pieces[token["id"]] != token["content"]:
+            raise BadInput(f'added token {token["content"]!r:.60} has id {token["id"]}, which the vocabulary '
+                           "gives another piece")
+        types[token["id"]] = CONTROL if token.get("special") else USER_DEFINED
+    unk = _field(model, "unk_token", str, "model.")
+    if unk not in vocab:
+        raise BadInput(f'"model.unk_token" {unk!r:.60} is not in the vocabulary')
+    types[vocab[unk]] = UNKNOWN
+    byte_fallback = model.get("byte_fallback") is True
+    if len(pieces) < 4:
+        raise BadInput(f"the vocabulary has {len(pieces)} pieces, fewer than Gemma's four special ones")
+
+    records = []
+    for i, piece in enumerate(pieces):
+        piece_type = types.get(i, BYTE if byte_fallback and _BYTE_PIECE.fullmatch(piece) else NORMAL)
+        score = -float(first_merge.get(piece, len(first_merge) + i)) if piece_type == NORMAL else 0.0
+        records.append(_piece_record(piece, piece_type, score))
+    bpe = 2  # sentencepiece_model.proto: TrainerSpec.ModelType.BPE
+    trainer_spec = (_varint_field(3, bpe) + _varint_field(4, len(pieces)) + _varint_field(35, int(byte_fallback))
+                    + b"".join(_varint_field(field, i) for field, i in ((40, UNK_ID), (41, BOS_ID), (42, EOS_ID),
+                                                                        (43, PAD_ID)))
+                    + b"".join(_bytes_field(field, pieces[i].encode("utf-8"))
+                               for field, i in ((45, UNK_ID), (46, BOS_ID), (47, EOS_ID), (48, PAD_ID))))
+    # identity normalization: no dummy "▁" prefix, whitespace kept as is, spaces escaped as "▁"
+    normalizer_spec = _bytes_field(1, b"identity") + _varint_field(3, 0) + _varint_field(4, 0) + _varint_field(5, 1)
+    return b"".join(records) + _bytes_field(2, trainer_spec) + _bytes_field(3, normalizer_spec)
 
 
 def train_tokenizer(texts: Iterable[str], base_vocab_size: int, path: str | os.PathLike) -> Tokenizer:

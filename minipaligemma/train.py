@@ -39,12 +39,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from .checkpoint import at_resolution, load, to_hf_state_dict, write_hf_folder
-from .config import PaliGemmaConfig, TextConfig, VisionConfig
+from .config import PaliGemmaConfig, TextConfig, VisionConfig, check_context
 from .data import (SMALL_WORLD, STAGE1_MIXTURE, STAGE2_MIXTURE, TINY_WORLD, Example, JsonlDataset, World,
                    WorldConfig)
 from .distributed import barrier, init_distributed, local_share, rank_and_world
 from .evaluate import evaluate, metrics_table
-from .files import atomic_write
+from .files import BadInput, atomic_write
 from .image import preprocess
 from .loop import ParamGroup, StepLoss, fit, read_log
 from .lora import DEFAULT_TARGETS, add_lora, describe_trainable, merge_lora, save_lora
@@ -363,7 +363,7 @@ class Trainer:
         base = load(init, dtype=torch.float32) if init is not None else self.load_stage(2)
         if init is not None:
             if base.tokenizer is None:
-                raise ValueError(f"{init}: no tokenizer.model beside the weights; transfer needs it")
+                raise BadInput(f"{init}: no tokenizer.model or tokenizer.json beside the weights; transfer needs it")
             self.tokenizer = base.tokenizer
         cfg = replace(base.config, text=replace(base.config.text, final_softcap=None))
         model = PaliGemma(cfg).to(self.device)
@@ -385,6 +385,9 @@ class Trainer:
         groups = [ParamGroup("all", [p for p in model.parameters() if p.requires_grad], lr, schedule)]
         if data is not None:
             dataset = JsonlDataset(data)
+            for number, _, prefix, suffix in dataset.rows:  # every row fits the context, checked before training
+                tokens = len(encode_example(self.tokenizer, prefix, suffix)["input_ids"])
+                check_context(cfg.text, cfg.num_image_tokens, tokens, f"{data} line {number}")
             next_batch = partial(jsonl_examples, dataset, r.batch_size, seed=self.seed)
         else:
             next_batch = partial(world_examples, self.world, size, {task: 1.0}, r.batch_size, 10**6)
@@ -400,7 +403,7 @@ def run(recipe: str | Recipe, out, stages=(0, 1, 2, 3), task: str | None = None,
         transfer: Transfer = Transfer(), init=None, data=None, fsdp: bool = False) -> dict[str, dict[str, float]]:
     """Run the given stages of a recipe into `out`; return the held-out metrics per stage."""
     if init is not None and data is None:
-        raise ValueError("--init transfers official weights to a dataset of your own: give --data too")
+        raise BadInput("--init transfers official weights to a dataset of your own: give --data too")
     init_distributed()
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
     trainer = Trainer(recipe, Path(out), seed, device, fsdp)

@@ -27,10 +27,11 @@ Design choices:
   weights were trained with (big_vision reproduces it with explicit flax padding 2).
 - Values. Masks in [0, 1] enter the encoder as 2 * (m - 0.5), in [-1, 1]; the decoder output is
   a logit-like map "roughly in [-1, 1]" that callers threshold at 0.
-- Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming the key and
-  both shapes. The only tolerated extras are the exponential-moving-average statistics of the
-  original training code (`_vq_vae._ema_w`, `_vq_vae._ema_cluster_size`), which inference never
-  uses; they are named explicitly, not silenced by a blanket `strict=False`.
+- Loading is strict: every missing, unexpected, mis-shaped or non-float tensor is named (with
+  both shapes) in one BadInput, as is a file that cannot be read. The only tolerated extras
+  are the exponential-moving-average statistics of the original training code
+  (`_vq_vae._ema_w`, `_vq_vae._ema_cluster_size`), which inference never uses; they are named
+  explicitly, not silenced by a blanket `strict=False`.
 - Training (for tiny models that need a tokenizer of their own): plain VQ-VAE of van den Oord et
   al. 2017 - mean squared reconstruction error against the [-1, 1] target (the official
   objective, so threshold 0 still means "inside"), codebook loss plus 0.25 x commitment loss,
@@ -50,11 +51,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .files import atomic_write
+from .checkpoint import bounded, read_npz, read_safetensors_file
+from .files import BadInput, MissingFile, atomic_write
 from .schedules import cosine_schedule
 
 MASK_SIZE = 64  # masks are resized to 64x64 before encoding
@@ -88,9 +89,10 @@ class VQVAEConfig:
 
         def shape(key: str, ndim: int) -> tuple[int, ...]:
             if key not in shapes:
-                raise ValueError(f"{origin}: missing tensor '{key}', needed to infer the VQ-VAE sizes")
-            if len(shapes[key]) != ndim:
-                raise ValueError(f"{origin}: tensor '{key}' has shape {tuple(shapes[key])}, expected {ndim}-D")
+                raise BadInput(f"{origin}: missing tensor '{key}', needed to infer the VQ-VAE sizes")
+            if len(shapes[key]) != ndim or 0 in shapes[key]:
+                raise BadInput(f"{origin}: tensor '{key}' has shape {tuple(shapes[key])}, expected {ndim}-D "
+                               "with no zero size")
             return tuple(shapes[key])
 
         num_codes, embed_dim = shape("_vq_vae._embedding", 2)
@@ -223,38 +225,38 @@ def _read_tensors(source: str | Path | Mapping) -> tuple[dict[str, torch.Tensor]
         return tensors, "state dict"
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"VQ-VAE weights not found: {path}")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}, str(path)
-        if path.suffix == ".safetensors":
-            return load_file(str(path)), str(path)
-    except Exception as error:  # truncated or corrupt file: say which one
-        raise ValueError(f"{path}: cannot read VQ-VAE weights ({error})") from error
-    raise ValueError(f"{path}: unknown VQ-VAE weights format (expected .npz or .safetensors)")
+        raise MissingFile(f"VQ-VAE weights not found: {path}")
+    if path.suffix == ".npz":
+        return read_npz(path), str(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors_file(path)[0], str(path)
+    raise BadInput(f"{path}: unknown VQ-VAE weights format (expected .npz or .safetensors)")
 
 
 def load_vqvae(source: str | Path | Mapping, device: torch.device | str | None = None) -> MaskVQVAE:
     """Load a VQ-VAE (official `vae-oid.npz`, a saved tiny one, or a state dict), strictly.
 
-    The sizes are read from the shapes; then every expected tensor must be present with exactly
-    the expected shape and nothing unexpected may remain. Returned in eval mode, float32.
+    The sizes are read from the shapes; then every expected tensor must be present, float, with
+    exactly the expected shape, and nothing unexpected may remain. All that is wrong is named in
+    one BadInput (ten tensors per kind at most). Returned in eval mode, float32.
     """
     tensors, origin = _read_tensors(source)
     tensors = {k: v for k, v in tensors.items() if k not in _IGNORED_KEYS}
     config = VQVAEConfig.from_state_dict({k: tuple(v.shape) for k, v in tensors.items()}, origin)
     model = MaskVQVAE(config)
-    expected = model.state_dict()
-    for key, param in expected.items():
-        if key not in tensors:
-            raise ValueError(f"{origin}: missing tensor '{key}' (expected shape {tuple(param.shape)})")
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            found, wanted = tuple(tensors[key].shape), tuple(param.shape)
-            raise ValueError(f"{origin}: tensor '{key}' has shape {found}, expected {wanted}")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise ValueError(f"{origin}: unexpected tensors {unexpected}")
+    expected = {key: tuple(param.shape) for key, param in model.state_dict().items()}
+    present = [key for key in expected if key in tensors]
+    kinds = {
+        "missing tensors": [f"'{key}' (expected shape {want})" for key, want in expected.items() if key not in tensors],
+        "mis-shaped tensors": [f"'{key}' has shape {tuple(tensors[key].shape)}, expected {expected[key]}"
+                               for key in present if tuple(tensors[key].shape) != expected[key]],
+        "not floating point": [f"'{key}' is {str(tensors[key].dtype).removeprefix('torch.')}"
+                               for key in present if not tensors[key].is_floating_point()],
+        "unexpected tensors": [f"'{key}'" for key in sorted(set(tensors) - set(expected))],
+    }
+    problems = [f"{kind}: {bounded(items)}" for kind, items in kinds.items() if items]
+    if problems:
+        raise BadInput(f"{origin}: " + "; ".join(problems))
     model.load_state_dict({k: tensors[k].float() for k in expected})
     return model.to(device).eval()
 

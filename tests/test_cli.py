@@ -74,6 +74,6 @@ def test_inspect_and_convert(weights, tmp_path):
 def test_bad_input_is_one_clear_line(weights, tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     out = cli("generate", "--weights", weights, "--image", tmp_path / "notes.txt", "--prompt", "caption en", check=False)
-    assert out.returncode == 1 and "notes.txt" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "notes.txt" in out.stderr and "Traceback" not in out.stderr
     out = cli("inspect", tmp_path / "missing.npz", check=False)
-    assert out.returncode == 1 and "missing.npz: no such file" in out.stderr
+    assert out.returncode == 2 and "missing.npz: no such file" in out.stderr

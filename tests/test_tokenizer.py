@@ -1,7 +1,9 @@
 """Tokenizer tests: special-id layout, <loc>/<seg> ids, round trips, parity with transformers'
-GemmaTokenizer, and big_vision's prompt layout and masks (expected values derived by hand)."""
+GemmaTokenizer, big_vision's prompt layout and masks (expected values derived by hand), and
+tokenizer.json read as the same tokenizer."""
 
 import io
+import json
 import random
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from minipaligemma.files import BadInput
 from minipaligemma.tokenizer import (
     Tokenizer,
     encode_batch,
@@ -252,3 +255,113 @@ def test_too_long_prompt_is_an_error(tok):
         encode_batch(tok, ["<loc0001>", "<loc0001><loc0002>"], ["<seg001>", "<seg002>"], text_len=5)
     with pytest.raises(ValueError, match="2 prefixes but 1 suffixes"):
         encode_batch(tok, ["a", "b"], ["c"])
+
+
+# tokenizer.json: transformers writes it from our tokenizer.model (its Gemma converter); we read
+# it back by converting it to a SentencePiece model. Both files must tokenize alike, and so must
+# the `tokenizers` library reading the same tokenizer.json (an independent implementation).
+
+FRAGMENTS = {
+    "loc/seg": ["<loc0000>", "<loc1023>", "<loc0512>", "<seg000>", "<seg127>", "<seg064>", "<loc12345>", "<seg1000>"],
+    "newline": ["\n", "\n\n", "a\nb", "\n "],
+    "spaces": [" ", "  ", "   ", " lead", "trail ", "a  b", "\t", " \t "],
+    "digits": ["0", "42", "12345", "3.14", "2024-01-01", "007"],
+    "emoji": ["🙂", "👍🏽", "🏳️‍🌈", "🚗"],
+    "cjk": ["日本語", "中文", "한국어", "かな"],
+    "rare": ["\x00", "\x7f", "\u00ad", "𝔘", "\U0010ffff", "é", "ß", "Ω"],  # most fall back to bytes
+    "words": WORDS,
+}
+
+
+def varied_strings(n=300, seed=1):
+    """n strings, each of 1-6 fragments; the first len(FRAGMENTS) start with one of each kind."""
+    rng = random.Random(seed)
+    kinds = list(FRAGMENTS)
+    strings = []
+    for i in range(n):
+        parts = [rng.choice(FRAGMENTS[kinds[i % len(kinds)]])]
+        parts += [rng.choice(FRAGMENTS[rng.choice(kinds)]) for _ in range(rng.randint(0, 5))]
+        rng.shuffle(parts)
+        strings.append("".join(parts))
+    return strings
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(trained, tmp_path_factory):
+    """tokenizer.json as transformers writes it for our tokenizer.model."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf", reason="transformers reads tokenizer.model with protobuf")
+    out = tmp_path_factory.mktemp("json")
+    transformers.GemmaTokenizer.from_pretrained(str(trained[1])).save_pretrained(str(out))
+    return out / "tokenizer.json"
+
+
+def test_varied_strings_cover_every_kind():
+    strings = varied_strings()
+    assert len(strings) >= 200
+    for kind, fragments in FRAGMENTS.items():
+        assert sum(any(f in s for f in fragments) for s in strings) >= 20, kind
+
+
+def test_tokenizer_json_gives_the_same_ids_layouts_and_text(tok, tokenizer_json):
+    from_json = Tokenizer.from_json(tokenizer_json)
+    assert (from_json.vocab_size, from_json.loc_base) == (tok.vocab_size, tok.loc_base)
+    for text in varied_strings():
+        ids = tok.encode(text)
+        assert from_json.encode(text) == ids, text
+        assert from_json.decode(ids) == tok.decode(ids) == text.replace("▁", " "), text
+        assert encode_example(from_json, text, text) == encode_example(tok, text, text)
+        assert encode_example(from_json, text) == encode_example(tok, text)
+
+
+def test_tokenizer_json_agrees_with_the_tokenizers_library(tok, tokenizer_json):
+    tokenizers = pytest.importorskip("tokenizers")
+    fast = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    from_json = Tokenizer.from_json(tokenizer_json)
+    for text in varied_strings():
+        assert fast.encode(text, add_special_tokens=False).ids == from_json.encode(text), text
+
+
+def test_byte_fallback_characters_become_bytes(tok, tokenizer_json):
+    from_json = Tokenizer.from_json(tokenizer_json)
+    for text in ("𝔘", "日", "🙂"):
+        assert from_json.encode(text) == tok.encode(text) == [from_json._sp.piece_to_id(f"<0x{b:02X}>")
+                                                                for b in text.encode("utf-8")]
+
+
+def test_tokenizer_json_beside_the_weights_is_found(tok, tokenizer_json, tmp_path):
+    from minipaligemma.tokenizer import find_tokenizer
+    assert find_tokenizer(tmp_path) is None
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    assert find_tokenizer(tmp_path).encode("red circle <loc0001>") == tok.encode("red circle <loc0001>")
+    plain = Tokenizer(plain_model())  # a tokenizer.model beside it wins
+    plain.save(tmp_path / "tokenizer.model")
+    assert find_tokenizer(tmp_path).model_proto == plain.model_proto
+
+
+def test_converted_tokenizer_saves_as_a_tokenizer_model(tok, tokenizer_json, tmp_path):
+    Tokenizer.from_json(tokenizer_json).save(tmp_path / "tokenizer.model")
+    again = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    pieces = range(tok.vocab_size)
+    assert [again.id_to_piece(i) for i in pieces] == [tok._sp.id_to_piece(i) for i in pieces]
+    for text in varied_strings(50):
+        assert again.encode(text) == tok.encode(text)
+
+
+def test_tokenizer_json_of_another_layout_is_refused(tokenizer_json, tmp_path):
+    spec = json.loads(tokenizer_json.read_text())
+    for change, message in [
+        (lambda s: s.update(normalizer={"type": "NFKC"}), "only Gemma's tokenizer.json is read, whose normalizer"),
+        (lambda s: s["model"]["vocab"].update({"extra": 0}), '"model.vocab" must number its'),
+        (lambda s: s["model"]["merges"].append(["<loc0001>", "zz"]), r'"model.merges" entry \d+'),
+        (lambda s: s["added_tokens"].append({"id": 5, "content": "<bos>", "special": True}), "gives another piece"),
+    ]:
+        damaged = json.loads(json.dumps(spec))
+        change(damaged)
+        (tmp_path / "tokenizer.json").write_text(json.dumps(damaged))
+        with pytest.raises(BadInput, match=message):
+            Tokenizer.from_json(tmp_path / "tokenizer.json")
+    past_the_end = json.loads(json.dumps(spec))  # like PaliGemma's <image>, added by the processor
+    past_the_end["added_tokens"].append({"id": len(spec["model"]["vocab"]), "content": "<image>", "special": True})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(past_the_end))
+    assert Tokenizer.from_json(tmp_path / "tokenizer.json").vocab_size == len(spec["model"]["vocab"])
