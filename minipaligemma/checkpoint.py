@@ -259,13 +259,13 @@ def _vision_rules(cfg) -> tuple[list[Rule], list[Rule]]:
         _same(ours + "mlp.fc1.bias", block + "MlpBlock_0/Dense_0/bias"),
         _dense(ours + "mlp.fc2.weight", block + "MlpBlock_0/Dense_1/kernel"),
         _same(ours + "mlp.fc2.bias", block + "MlpBlock_0/Dense_1/bias"),
-        Rule(attn + "out/kernel", (ours + "attn.out_proj.weight",),  # [heads, hd, W] <-> [W, heads*hd]
+        Rule(attn + "out/kernel", (ours + "attn.out_proj.weight",),  # [N, H, D] <-> [D, N*H]
              lambda a: (a.reshape(w, w).T,), lambda t: t.T.reshape(heads, hd, w)),
         _same(ours + "attn.out_proj.bias", attn + "out/bias"),
     ]
     for bv_name, name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
         layer += [
-            Rule(attn + f"{bv_name}/kernel", (ours + f"attn.{name}.weight",),  # [W, heads, hd] <-> [heads*hd, W]
+            Rule(attn + f"{bv_name}/kernel", (ours + f"attn.{name}.weight",),  # [D, N, H] <-> [N*H, D]
                  lambda a: (a.reshape(w, w).T,), lambda t: t.T.reshape(w, heads, hd)),
             Rule(attn + f"{bv_name}/bias", (ours + f"attn.{name}.bias",),
                  lambda a: (a.reshape(w),), lambda t: t.reshape(heads, hd)),
@@ -288,7 +288,7 @@ def _llm_rules(cfg) -> tuple[list[Rule], list[Rule]]:
         Rule("llm/layers/attn/attn_vec_einsum/w", (ours + "attn.o_proj.weight",),  # [N, H, D] <-> [D, N*H]
              lambda a: (a.permute(2, 0, 1).reshape(d, n * h),), lambda t: t.reshape(d, n, h).permute(1, 2, 0)),
         Rule("llm/layers/mlp/gating_einsum", (ours + "mlp.gate_proj.weight", ours + "mlp.up_proj.weight"),
-             lambda a: (a[0].T, a[1].T), lambda tg, tu: torch.stack([tg.T, tu.T])),  # [2, D, F]
+             lambda a: (a[0].T, a[1].T), lambda tg, tu: torch.stack([tg.T, tu.T])),  # [2, D, M]
         _dense(ours + "mlp.down_proj.weight", "llm/layers/mlp/linear"),
         _same(ours + "pre_attention_norm.weight", "llm/layers/pre_attention_norm/scale"),
         _same(ours + "pre_ffw_norm.weight", "llm/layers/pre_ffw_norm/scale"),
@@ -527,13 +527,13 @@ def config_from_bigvision(shapes: dict[str, tuple], source: str = "checkpoint") 
     Only Gemma 2's query scalar cannot be read off: the official preset with the same widths
     gives it (144 for the 27B), else head_dim.
     """
-    patch_size, _, _, width = _size_tensor(shapes, "img/embedding/kernel", 4, source)  # [P, P, 3, W]
+    patch_size, _, _, width = _size_tensor(shapes, "img/embedding/kernel", 4, source)  # [patch, patch, 3, D]
     patches = _size_tensor(shapes, "img/pos_embedding", 3, source)[1]  # [1, N, W]
     grid = math.isqrt(patches)
     if grid * grid != patches:
         raise CheckpointError(f"{source}: img/pos_embedding has {patches} positions, not the patches of a square grid")
     attention = "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"
-    depth, _, heads, _ = _size_tensor(shapes, attention, 4, source)  # [L, W, heads, hd]
+    depth, _, heads, _ = _size_tensor(shapes, attention, 4, source)  # [L, D, N, H]
     mlp = _size_tensor(shapes, "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel", 3, source)  # [L, W, F]
     vision = dict(width=width, patch_size=patch_size, image_size=grid * patch_size, depth=depth, mlp_dim=mlp[2],
                   num_heads=heads)

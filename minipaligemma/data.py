@@ -1,6 +1,6 @@
 """Data: a procedural multi-task world that needs no download, and JSONL datasets of your own.
 
-The world is PaliGemma's pretraining mixture in miniature (P1 §3.2.5, spec §5.1, §6.2): every
+The world is PaliGemma's pretraining mixture in miniature (PaliGemma paper §3.2.5; docs/tasks.md §1, docs/training.md §1 and §5): every
 image is a scene of a few coloured shapes and a word or two, and every scene can be asked
 
     caption en                      -> a red circle and a blue square
@@ -61,7 +61,7 @@ from .image import load_image
 from .tasks import box_to_loc_string
 
 Box = tuple[float, float, float, float]  # (y_min, x_min, y_max, x_max)
-SegmentTarget = Callable[[np.ndarray, Box], str]  # (mask [S, S] bool, pixel box) -> 4 loc + 16 seg tokens
+SegmentTarget = Callable[[np.ndarray, Box], str]  # (mask [height, width] bool, pixel box) -> 4 loc + 16 seg tokens
 
 TASKS = ("caption", "describe", "answer", "detect", "segment", "ocr")
 STAGE1_MIXTURE = {"caption": 1.0, "describe": 1.0, "answer": 2.0, "detect": 1.0, "segment": 1.0, "ocr": 1.0}
@@ -176,7 +176,7 @@ class Word:
     rgb: tuple[int, int, int] = TEXT_RGB
 
     def inside(self, u, v):
-        glyphs = _glyphs(self.text)  # [5, C]
+        glyphs = _glyphs(self.text)  # [5, columns]
         rows = np.clip(((v + 1) / 2 * FONT_ROWS).astype(int), 0, FONT_ROWS - 1)
         columns = np.clip(((u + 1) / 2 * glyphs.shape[1]).astype(int), 0, glyphs.shape[1] - 1)
         return glyphs[rows, columns]
@@ -192,7 +192,7 @@ def _samples(start: int, stop: int, size: int, low: float, high: float) -> np.nd
 
 
 def _coverage(item: Object | Word, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Fraction of each pixel's sub-samples inside the item: u [W*4] across, v [H*4] down -> [H, W]."""
+    """Fraction of each pixel's sub-samples inside the item: u [4 * columns] across, v [4 * rows] down -> [rows, columns]."""
     u, v = u[None, :], v[:, None]
     hit = item.inside(u, v) & (np.abs(u) <= 1) & (np.abs(v) <= 1)
     return hit.reshape(v.size // SUPERSAMPLE, SUPERSAMPLE, u.size // SUPERSAMPLE, SUPERSAMPLE).mean(axis=(1, 3))
@@ -227,7 +227,7 @@ class Scene:
         start, end, angle = self.background
         centres = (np.arange(size) + 0.5) / size - 0.5
         t = np.clip(0.5 + centres[None, :] * math.cos(angle) + centres[:, None] * math.sin(angle), 0, 1)
-        pixels = np.array(start) + (np.array(end) - np.array(start)) * t[..., None]  # [S, S, 3]
+        pixels = np.array(start) + (np.array(end) - np.array(start)) * t[..., None]  # [size, size, 3]
         for item in self.objects + self.words:
             where, alpha = _footprint(item, size)
             pixels[where] += (np.array(item.rgb) - pixels[where]) * alpha[..., None]
@@ -465,7 +465,7 @@ _TASK_FUNCTIONS = {"caption": _caption, "describe": _describe, "answer": _answer
 @dataclass
 class Example:
     """One training or evaluation example. `boxes` (pixels, y_min x_min y_max x_max) and `labels`
-    are the objects of a detect or segment suffix; `masks` ([H, W] bool) only for segment."""
+    are the objects of a detect or segment suffix; `masks` ([height, width] bool) only for segment."""
 
     image: Image.Image
     prefix: str

@@ -103,8 +103,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 # The two model calls of decoding.
 
 def new_cache(model: PaliGemma, pixel_values: torch.Tensor, prompt_len: int, max_new_tokens: int) -> PaliGemmaCache:
-    """A cache (keys, values and what the masks need of them) for images [B, 3, H, W] (or
-    [B, frames, 3, H, W]), prompts of prompt_len tokens and up to max_new_tokens new ones, in the
+    """A cache (keys, values and what the masks need of them) for images [B, 3, R, R] (or
+    [B, F, 3, R, R]), prompts of prompt_len tokens and up to max_new_tokens new ones, in the
     model's dtype and on its device."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -151,11 +151,11 @@ def decode(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor
            mask_input: torch.Tensor | None = None, max_new_tokens: int = 32, sampler: Sampler = greedy,
            eos_id: int = EOS_ID, pad_id: int = PAD_ID, on_token: OnToken | None = None,
            vocab_size: int | None = None) -> torch.Tensor:
-    """Generate up to max_new_tokens tokens after each prompt; return them as ids [B, N].
+    """Generate up to max_new_tokens tokens after each prompt; return them as ids [B, T_new].
 
-    pixel_values [B, 3, H, W] (or [B, frames, 3, H, W]); input_ids, mask_ar, mask_input [B, T]
+    pixel_values [B, 3, R, R] (or [B, F, 3, R, R]); input_ids, mask_ar, mask_input [B, T]
     as the model takes them (decoding layout `[bos prefix] ["\n"]`, padded on either side). A
-    row's tokens run up to and including its EOS, then hold pad_id; N is the number of steps
+    row's tokens run up to and including its EOS, then hold pad_id; T_new is the number of steps
     taken (the loop stops early once every row has its EOS). `on_token(row, token)` sees each of those tokens, EOS
     included, as soon as it is chosen: a streaming hook for printing as the model writes.
     """
@@ -176,7 +176,7 @@ def decode(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor
         if done.all() or step == max_new_tokens - 1:
             break
         logits = within(extend(model, tokens, cache, real=~done), vocab_size)  # [B, V]
-    return torch.stack(steps, dim=1)  # [B, N]
+    return torch.stack(steps, dim=1)  # [B, T_new]
 
 
 @torch.inference_mode()
@@ -186,7 +186,7 @@ def beam_search(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.T
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """big_vision's beam search (module docstring): the most likely EOS-terminated continuation.
 
-    Inputs as for `decode`. Returns ids [B, N], each row ending with EOS (then pad_id), and
+    Inputs as for `decode`. Returns ids [B, T_new], each row ending with EOS (then pad_id), and
     their scores [B]: the sum of the log-probabilities of the tokens, EOS included.
     """
     if beam_size < 1:
@@ -204,9 +204,9 @@ def beam_search(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.T
     logits = logits.repeat_interleave(n, dim=0)  # [B * n, V]
     live_scores = torch.full((b, n), float("-inf"), device=logits.device)  # [B, n]
     live_scores[:, 0] = 0.0
-    live_tokens = torch.zeros(b, n, 0, dtype=torch.long, device=logits.device)  # [B, n, t]
+    live_tokens = torch.zeros(b, n, 0, dtype=torch.long, device=logits.device)  # [B, n, step]
     best_scores = torch.full((b,), float("-inf"), device=logits.device)  # [B]
-    best_tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)  # [B, N]
+    best_tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)  # [B, max_new_tokens]
     best_lengths = torch.zeros(b, dtype=torch.long, device=logits.device)  # [B], EOS included
     examples = torch.arange(b, device=logits.device)  # [B]
     is_eos = torch.arange(vocab, device=logits.device) == eos_id  # [V]
@@ -217,7 +217,7 @@ def beam_search(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.T
         end_scores, end_beam = (live_scores + logp[..., eos_id]).max(dim=1)  # [B] each
         better = end_scores > best_scores  # [B]
         eos_column = torch.full_like(examples[:, None], eos_id)  # [B, 1]
-        ended = torch.cat([live_tokens[examples, end_beam], eos_column], dim=1)  # [B, t+1]
+        ended = torch.cat([live_tokens[examples, end_beam], eos_column], dim=1)  # [B, step + 1]
         best_tokens[better, :step + 1] = ended[better]
         best_scores = torch.where(better, end_scores, best_scores)  # [B]
         best_lengths = best_lengths.masked_fill(better, step + 1)  # [B]
@@ -229,7 +229,7 @@ def beam_search(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.T
         live_scores, choice = continued.view(b, n * vocab).topk(n, dim=-1)  # [B, n] each
         parent, token = choice // vocab, choice % vocab  # [B, n] each
         live_tokens = torch.cat([live_tokens.gather(1, parent[..., None].expand_as(live_tokens)),
-                                 token[..., None]], dim=2)  # [B, n, t+1]
+                                 token[..., None]], dim=2)  # [B, n, step + 1]
         if (live_scores.max(dim=1).values < best_scores).all():  # no live beam can still win
             break
         cache.select_rows((examples[:, None] * n + parent).flatten())
@@ -241,7 +241,7 @@ def beam_search(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.T
 # Text in, text out.
 
 def until_eos(tokens: torch.Tensor, eos_id: int = EOS_ID) -> list[int]:
-    """The ids of one row [N] before its first EOS."""
+    """The ids of one row [T_new] before its first EOS."""
     ids = tokens.tolist()
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
@@ -276,14 +276,14 @@ def generate(model: PaliGemma, tokenizer: Tokenizer, images: Sequence, prompts: 
                 f"max_new_tokens={max_new_tokens} that is {needed}, more than max_text_len={max_text_len}")
     weight = next(model.parameters())
     batch = {key: value.to(weight.device) for key, value in pad_batch(examples).items()}  # [B, T] each
-    pixel_values = preprocess(list(images), model.config.vision.image_size, resample)  # [B, (frames,) 3, S, S]
+    pixel_values = preprocess(list(images), model.config.vision.image_size, resample)  # [B, (F,) 3, R, R]
     pixel_values = pixel_values.to(weight)  # the model's dtype and device
     inputs = dict(pixel_values=pixel_values, input_ids=batch["input_ids"], mask_ar=batch["mask_ar"],
                   mask_input=batch["mask_input"], max_new_tokens=max_new_tokens, vocab_size=tokenizer.vocab_size)
     if beam_size is None:
-        tokens = decode(model, **inputs, sampler=sampler, on_token=on_token)  # [B, N]
+        tokens = decode(model, **inputs, sampler=sampler, on_token=on_token)  # [B, T_new]
     elif on_token is not None or sampler is not greedy:
         raise ValueError("beam search picks its answer at the end: it takes neither a sampler nor on_token")
     else:
-        tokens, _ = beam_search(model, **inputs, beam_size=beam_size)  # [B, N]
+        tokens, _ = beam_search(model, **inputs, beam_size=beam_size)  # [B, T_new]
     return [tokenizer.decode(until_eos(row)) for row in tokens]

@@ -1,6 +1,6 @@
 """Image loading and preprocessing: from a file, a PIL image or an array to pixels in [-1, 1].
 
-PaliGemma sees an image as a square grid of RGB pixels scaled to [-1, 1] (spec §2.1). This
+PaliGemma sees an image as a square grid of RGB pixels scaled to [-1, 1] (docs/differences.md §11). This
 module does exactly that and nothing more:
 
 1. Load: `load_image` opens a file with PIL, applies the EXIF orientation (phones store photos
@@ -18,8 +18,8 @@ module does exactly that and nothing more:
    - every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, I, F, ...) uses PIL's conversion; for the
      32-bit modes I and F that means values are read on the 8-bit scale and clipped to 0..255.
 3. Resize to `size` x `size`, ignoring the aspect ratio: the official models were trained on
-   squashed images, and detection coordinates are relative to the squashed image (spec §2.1,
-   §5.2). The resize runs in PIL on 8-bit pixels, like transformers' `SiglipImageProcessor`.
+   squashed images, and detection coordinates are relative to the squashed image (PaliGemma
+   paper §3.1 and App. C; docs/tasks.md §2). The resize runs in PIL on 8-bit pixels, like transformers' `SiglipImageProcessor`.
    - "bilinear" (default) is big_vision's method. PIL antialiases when it shrinks an image, which
      matches big_vision's `resize(..., antialias=True)` configs and its fine-tuning notebook;
      configs without antialiasing, and big_vision's uint8 truncation after resizing, are not
@@ -27,9 +27,9 @@ module does exactly that and nothing more:
    - "bicubic" is transformers' default, so that our pixels equal its processor's.
 4. Scale: x / 127.5 - 1 maps 0 -> -1 and 255 -> 1 exactly.
 
-An image may be a PIL image, a uint8 numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), or a
-path. A batch is a list of images -> [B, 3, S, S]; a batch of several frames per example (video,
-multi-image) is a list of equally long lists -> [B, N, 3, S, S].
+An image may be a PIL image, a uint8 numpy array (height, width) or (height, width, 1|3|4), or a
+path. A batch is a list of images -> [B, 3, R, R]; a batch of several frames per example (video,
+multi-image) is a list of equally long lists -> [B, F, 3, R, R].
 """
 
 from __future__ import annotations
@@ -90,25 +90,25 @@ def _as_rgb_image(image: Image.Image | np.ndarray | str | os.PathLike) -> Image.
         if image.dtype != np.uint8:
             raise ValueError(f"image arrays must be uint8 in 0..255, got dtype {image.dtype}")
         if image.ndim == 3 and image.shape[2] == 1:
-            image = image[:, :, 0]  # [H, W]
+            image = image[:, :, 0]  # [height, width]
         if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)):
             return to_rgb(Image.fromarray(image))  # L, RGB or RGBA
-        raise ValueError(f"image arrays must be (H, W) or (H, W, 1|3|4), got shape {image.shape}")
+        raise ValueError(f"image arrays must be (height, width) or (height, width, 1|3|4), got shape {image.shape}")
     raise TypeError(f"expected a PIL image, a uint8 numpy array or a path, got {type(image)}")
 
 
 def _pixels(image: Image.Image | np.ndarray | str | os.PathLike, size: int, resample: str) -> torch.Tensor:
     """One image -> float32 [3, size, size] in [-1, 1]."""
     rgb = _as_rgb_image(image).resize((size, size), RESAMPLE[resample])
-    pixels = torch.from_numpy(np.array(rgb))  # [S, S, 3] uint8
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, S, S]
+    pixels = torch.from_numpy(np.array(rgb))  # [R, R, 3] uint8
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, R, R]
 
 
 def preprocess(images: Sequence, size: int, resample: str = "bilinear") -> torch.Tensor:
     """Images -> pixel values for the model: float32 [B, 3, size, size] in [-1, 1].
 
     `images` is a list of images (PIL, uint8 array or path), or a list of equally long lists of
-    images for several frames per example, which gives [B, N, 3, size, size]. `resample` is
+    images for several frames per example, which gives [B, F, 3, size, size]. `resample` is
     "bilinear" (big_vision) or "bicubic" (transformers).
     """
     if resample not in RESAMPLE:
@@ -116,8 +116,8 @@ def preprocess(images: Sequence, size: int, resample: str = "bilinear") -> torch
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise ValueError("images must be a non-empty list (or a list of lists for several frames)")
     if not all(isinstance(example, (list, tuple)) for example in images):
-        return torch.stack([_pixels(image, size, resample) for image in images])  # [B, 3, S, S]
+        return torch.stack([_pixels(image, size, resample) for image in images])  # [B, 3, R, R]
     frame_counts = {len(example) for example in images}
     if len(frame_counts) != 1 or 0 in frame_counts:
         raise ValueError(f"every example needs the same number (>0) of frames, got {sorted(frame_counts)}")
-    return torch.stack([preprocess(example, size, resample) for example in images])  # [B, N, 3, S, S]
+    return torch.stack([preprocess(example, size, resample) for example in images])  # [B, F, 3, R, R]

@@ -1,7 +1,7 @@
 r"""The tokenizer: Gemma's SentencePiece model plus PaliGemma's <loc>/<seg> tokens, and the prompt
 layout with its masks.
 
-Vocabulary layout (spec §1.4). Ids 0..3 are pad, eos, bos, unk. The plain SentencePiece pieces
+Vocabulary layout (docs/architecture.md §5). Ids 0..3 are pad, eos, bos, unk. The plain SentencePiece pieces
 fill ids 0..base-1 (base = 256000 for Gemma). PaliGemma appends 1024 location tokens and 128
 segmentation tokens as USER_DEFINED pieces, so each is always one token:
 
@@ -21,7 +21,7 @@ piece. The same layout follows with a small base, the plain vocabulary size. Bec
 normalised, `decode(encode(text)) == text` for every string without the character "▁" (U+2581),
 which SentencePiece uses to stand for a space.
 
-Prompt layout (big_vision, spec §3.1-3.3), per example:
+Prompt layout (big_vision; docs/sequence-and-masks.md §1-§2), per example:
 
     [bos prefix]  ["\n"]  [suffix eos]      "\n" tokenized on its own, never merged
      mask_ar   0 ...  0     0     1 ...  1     0 = bidirectional prefix block, 1 = causal step

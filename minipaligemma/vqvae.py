@@ -4,7 +4,7 @@ PaliGemma writes a segmentation mask as 4 `<loc>` tokens (the box) followed by 1
 tokens. The 16 tokens come from this VQ-VAE: the mask is cropped to its box, resized to 64x64,
 encoded to a 4x4 grid of vectors, and each vector is replaced by the index of its nearest entry
 in a 128-entry codebook (row-major order). Decoding looks the 16 indices up and runs a small
-up-sampling CNN back to 64x64 (spec §5.3). The architecture is that of Ning et al. 2023
+up-sampling CNN back to 64x64 (docs/tasks.md §4). The architecture is that of Ning et al. 2023
 ("All in Tokens", arXiv 2301.02229); the official weights are `vae-oid.npz` (trained on
 OpenImages), a PyTorch state dict saved with numpy.
 
@@ -133,17 +133,17 @@ class Codebook(nn.Module):
         super().__init__()
         # The leading underscore is the official key name (`_vq_vae._embedding`).
         bound = 1 / num_codes
-        self._embedding = nn.Parameter(torch.empty(num_codes, embed_dim).uniform_(-bound, bound))  # [K, E]
+        self._embedding = nn.Parameter(torch.empty(num_codes, embed_dim).uniform_(-bound, bound))  # [codes, E]
 
     @property
     def vectors(self) -> torch.Tensor:
-        return self._embedding  # [K, E]
+        return self._embedding  # [codes, E]
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Index of the closest code (squared L2) for each row of z [N, E] -> [N]."""
+        """Index of the closest code (squared L2) for each row of z [rows, E] -> [rows]."""
         e = self._embedding
-        distances = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.T  # [N, K]
-        return distances.argmin(dim=1)  # [N]
+        distances = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.T  # [rows, codes]
+        return distances.argmin(dim=1)  # [rows]
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors for integer codes of any shape [...] -> [..., E]."""
@@ -294,7 +294,7 @@ def _ellipse(rng: np.random.Generator):
 
 def _convex_polygon(vertices: np.ndarray):
     centre = vertices.mean(0)
-    edges = np.roll(vertices, -1, axis=0) - vertices  # [V, 2]
+    edges = np.roll(vertices, -1, axis=0) - vertices  # [vertices, 2]
 
     def side(x, y, vertex, edge):  # sign of the 2-D cross product edge x (point - vertex)
         return edge[0] * (y - vertex[1]) - edge[1] * (x - vertex[0])
@@ -394,7 +394,7 @@ def train_vqvae(
         if step % restart_every == 0:
             with torch.no_grad():
                 latents = model.encode(masks).reshape(-1, config.embed_dim)  # [B*16, E]
-                dead = (~used).nonzero()[:, 0]  # [D]
+                dead = (~used).nonzero()[:, 0]  # [dead]
                 codebook[dead] = latents[torch.randint(len(latents), (len(dead),))]
             used.zero_()
         z = model.encode(masks)  # [B, 16, E]

@@ -2,7 +2,7 @@
 
 The transformers files come from transformers itself (save_pretrained, then renamed to the
 hub 4.x spelling, then sharded). The big_vision .npz files are written here by following
-paligemma-spec.md §4.1/§4.3 (transformers' conversion transforms, inverted), independently of
+docs/checkpoints.md §3.2-§3.3 (transformers' conversion transforms, inverted), independently of
 minipaligemma.checkpoint. Each file must give transformers' logits on the same weights.
 """
 
@@ -32,8 +32,8 @@ def bf16_void(array: np.ndarray) -> np.ndarray:
     return torch.from_numpy(array).to(torch.bfloat16).view(torch.int16).numpy().view("V2")
 
 
-def npz_per_spec(hf_state: dict, cfg, bf16: bool = False, prefix: str = "") -> dict:
-    """big_vision arrays from a transformers state dict, by spec §4.1 (keys, shapes) and §4.3."""
+def npz_by_hand(hf_state: dict, cfg, bf16: bool = False, prefix: str = "") -> dict:
+    """big_vision arrays from a transformers state dict, by docs/checkpoints.md §3.2 (keys, shapes) and §3.3."""
     g = {k: v.float().numpy() for k, v in hf_state.items()}
     vt, lm = "model.vision_tower.", "model.language_model."
     w, heads, hd = cfg.vision.width, cfg.vision.num_heads, cfg.vision.head_dim
@@ -142,7 +142,7 @@ def test_sharded_folder(reference, tmp_path):
 
 def test_npz_float32(reference, tmp_path):
     cfg, hf, expected = reference
-    np.savez(tmp_path / "pt.npz", **npz_per_spec(hf.state_dict(), cfg))
+    np.savez(tmp_path / "pt.npz", **npz_by_hand(hf.state_dict(), cfg))
     model = load(tmp_path / "pt.npz")
     assert model.config == cfg and model.llm.embed.weight.dtype == torch.float32
     assert_logits_match(model, cfg, expected, f"npz f32 v{cfg.text.version}")
@@ -151,7 +151,7 @@ def test_npz_float32(reference, tmp_path):
 def test_npz_bfloat16_with_params_prefix(reference, tmp_path):
     """bf16 stored as 2-byte void; compared with transformers holding the same rounded weights."""
     cfg, hf, _ = reference
-    np.savez(tmp_path / "pt.bf16.npz", **npz_per_spec(hf.state_dict(), cfg, bf16=True, prefix="params/"))
+    np.savez(tmp_path / "pt.bf16.npz", **npz_by_hand(hf.state_dict(), cfg, bf16=True, prefix="params/"))
     model = load(tmp_path / "pt.bf16.npz")
     assert model.llm.embed.weight.dtype == torch.bfloat16
     rounded = hf_paligemma(cfg, seed=21)
@@ -166,7 +166,7 @@ def test_convert_round_trips_are_bit_exact(reference, tmp_path):
     cfg, hf, expected = reference
     for bf16 in (False, True):
         src = tmp_path / f"src{bf16}.npz"
-        np.savez(src, **npz_per_spec(hf.state_dict(), cfg, bf16=bf16))
+        np.savez(src, **npz_by_hand(hf.state_dict(), cfg, bf16=bf16))
         convert(src, tmp_path / f"hf{bf16}")
         convert(tmp_path / f"hf{bf16}", tmp_path / f"back{bf16}.npz")
         a, b = read_npz(src), read_npz(tmp_path / f"back{bf16}.npz")
@@ -238,7 +238,7 @@ def test_resampling_keeps_a_linear_position_code_linear():
 # ----- the official key sets of all 12 presets, at full size, on the meta device -------------
 
 def spec_hf_keys(cfg) -> dict[str, tuple]:
-    """spec §4.2: the hub file's keys and shapes (lm_head omitted: tied)."""
+    """docs/checkpoints.md §2.2: the hub file's keys and shapes (lm_head omitted: tied)."""
     v, t = cfg.vision, cfg.text
     w, d, n, h, k = v.width, t.width, t.num_heads, t.head_dim, t.num_kv_heads
     keys = {"vision_tower.vision_model.embeddings.patch_embedding.weight": (w, 3, 14, 14),
@@ -267,7 +267,7 @@ def spec_hf_keys(cfg) -> dict[str, tuple]:
 
 
 def spec_npz_keys(cfg) -> dict[str, tuple]:
-    """spec §4.1: the big_vision file's keys and shapes."""
+    """docs/checkpoints.md §3.2: the big_vision file's keys and shapes."""
     v, t = cfg.vision, cfg.text
     w, L, d, Lt = v.width, v.depth, t.width, t.depth
     enc, att = "img/Transformer/encoderblock/", "img/Transformer/encoderblock/MultiHeadDotProductAttention_0/"
