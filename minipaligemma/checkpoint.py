@@ -160,7 +160,8 @@ def tensor_problems(expected: dict[str, tuple], found: dict[str, torch.Tensor]) 
     return problems
 
 
-def _raise_problems(problems: list[str], source: str) -> None:
+def raise_problems(problems: list[str], source: str) -> None:
+    """One CheckpointError naming `source` and every problem (tensor_problems' list), if any."""
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
@@ -206,7 +207,7 @@ def check_hf_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
             embedding.shape == lm_head.shape and embedding.dtype == lm_head.dtype and torch.equal(embedding, lm_head)):
         problems.append("lm_head.weight is not a copy of the input embedding; PaliGemma ties them and this "
                         "model has no separate output layer")
-    _raise_problems(problems, source)
+    raise_problems(problems, source)
     return {ours: tensors[theirs] for ours, theirs in key_map.items()}
 
 
@@ -327,7 +328,7 @@ def check_bigvision_params(model: PaliGemma, params: dict[str, torch.Tensor],
     params = _renamed(params, lambda key: key.removeprefix("params/"), source)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in to_bigvision(PaliGemma(model.config)).items()}
-    _raise_problems(tensor_problems(expected, params), source)
+    raise_problems(tensor_problems(expected, params), source)
     ours = {}
     for rule, depth in _bigvision_rules(model.config):
         slices = [params[rule.bv_key]] if depth is None else list(params[rule.bv_key])

@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .checkpoint import check_keys_and_shapes
+from .checkpoint import raise_problems, tensor_problems
 from .files import BadInput, atomic_write
 
 # Where each role's linear layer sits inside one block of each tower (see gemma.py, siglip.py).
@@ -220,7 +220,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         base = model.get_submodule(name)
         expected[f"{name}.lora_a"] = (config["rank"], base.in_features)
         expected[f"{name}.lora_b"] = (base.out_features, config["rank"])
-    check_keys_and_shapes(expected, {k: tuple(v.shape) for k, v in tensors.items()}, str(path))
+    raise_problems(tensor_problems(expected, tensors), str(path))
     add_lora(model, config["rank"], config["alpha"], config["targets"], config["dropout"])
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
