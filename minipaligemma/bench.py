@@ -47,6 +47,7 @@ import torch
 
 from .checkpoint import hf_config_dict, load_hf_state_dict
 from .config import PaliGemmaConfig, get_config
+from .files import BadInput
 from .gemma import attention_implementation
 from .generate import decode, new_cache, prefill
 from .measure import (TokenClock, copy_bandwidth, count_parameters, decode_step_bytes, peak_flops,
@@ -375,7 +376,7 @@ def bench(configs: list[str], device: str = "cpu", repeats: int | None = None, p
     names = default_configs(device) if configs == ["all"] else configs
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise ValueError(f"unknown bench config(s) {unknown}; known: {', '.join(available)} or all")
+        raise BadInput(f"unknown bench config(s) {unknown}; known: {', '.join(available)} or all")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or threads_before)
     try:

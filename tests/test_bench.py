@@ -45,7 +45,7 @@ def test_tiny_bench_prints_a_table_then_json(capsys):
 
 
 def test_unknown_bench_config_is_a_clear_error(capsys):
-    assert main(["bench", "--config", "huge"]) == 1
+    assert main(["bench", "--config", "huge"]) == 2
     assert "unknown bench config(s) ['huge']" in capsys.readouterr().err
 
 
