@@ -48,10 +48,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .tokenizer import NUM_LOC_TOKENS, NUM_SEG_TOKENS
 from .vqvae import MASK_SIZE, MaskVQVAE
 
-NUM_LOC = 1024  # <loc0000> .. <loc1023>
-NUM_SEG = 128  # <seg000> .. <seg127>
 SEG_TOKENS_PER_MASK = 16
 # The pixel-edge rule that goes with each de-quantisation divisor (see the module docstring).
 _PIXEL_EDGE = {1024: round, 1023: math.floor}
@@ -105,8 +104,8 @@ def _read_object(piece: str, seg_counts: tuple[int, ...]) -> tuple[list[int], li
         error = f"expected {' or '.join(map(str, seg_counts))} <seg> tokens, found {len(segs)}"
     elif _TOKEN.search(label):
         error = "<loc>/<seg> tokens after the label"
-    elif max(locs) >= NUM_LOC or (segs and max(segs) >= NUM_SEG):
-        error = f"token id out of range (loc < {NUM_LOC}, seg < {NUM_SEG})"
+    elif max(locs) >= NUM_LOC_TOKENS or (segs and max(segs) >= NUM_SEG_TOKENS):
+        error = f"token id out of range (loc < {NUM_LOC_TOKENS}, seg < {NUM_SEG_TOKENS})"
     elif locs[2] <= locs[0] or locs[3] <= locs[1]:
         error = "empty box: y_max <= y_min or x_max <= x_min"
     else:
@@ -179,7 +178,7 @@ def box_to_loc_string(box: Box, image_size: tuple[int, int], divisor: int = 1024
     _check_divisor(divisor)
     height, width = image_size
     normalised = np.asarray(box, dtype=np.float64) / (height, width, height, width)
-    locs = np.clip(np.round(normalised * divisor), 0, NUM_LOC - 1).astype(int)
+    locs = np.clip(np.round(normalised * divisor), 0, NUM_LOC_TOKENS - 1).astype(int)
     return "".join(f"<loc{loc:04d}>" for loc in locs)
 
 
