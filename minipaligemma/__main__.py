@@ -2,7 +2,10 @@
 
     generate  an image and a prompt in, the answer streamed out
     convert   big_vision .npz <-> transformers folder, bit for bit
-    inspect   what a checkpoint holds: format, config, dtype, parameters per part
+    inspect   what a checkpoint holds: format, config, dtype, parameters per part, then every check load makes
+    train     the stages of a training recipe (the tiny one runs on a CPU), or a transfer of your weights
+    bench     ours against transformers on the same weights: prefill, decode, memory, training step
+    plan      the memory of one training step (full, LoRA, QLoRA, activation checkpointing)
 
 Each command is a small function over the package's public API; `--help` on any of them
 lists its options. Bad input (a damaged or unusual file, an option out of range, a prompt
