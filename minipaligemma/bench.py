@@ -45,11 +45,12 @@ from datetime import date
 
 import torch
 
-from .checkpoint import hf_config_dict, load_hf_state_dict
+from .checkpoint_config import hf_config_dict
 from .config import PaliGemmaConfig, get_config
 from .files import BadInput
 from .gemma import attention_implementation
 from .generate import decode, new_cache, prefill
+from .layouts import load_hf_state_dict
 from .measure import (TokenClock, copy_bandwidth, count_parameters, decode_step_bytes, peak_flops,
                       peak_memory_mib, proc_kib, take_turns, timed, train_flops)
 from .paligemma import PaliGemma

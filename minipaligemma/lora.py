@@ -42,8 +42,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .checkpoint import raise_problems, tensor_problems
 from .files import BadInput, atomic_write
+from .layouts import raise_problems, tensor_problems
 
 # Where each role's linear layer sits inside one block of each tower (see gemma.py, siglip.py).
 BLOCKS = {"llm": "llm.layers", "vision": "vision.blocks"}

@@ -10,7 +10,7 @@ An image becomes a sequence of tokens in four steps (docs/architecture.md §2):
 4. A final LayerNorm over every token. PaliGemma uses no pooling head: all tokens go on to the
    language model.
 
-Module names follow the roles in the paper and big_vision; checkpoint.py maps the official key
+Module names follow the roles in the paper and big_vision; layouts.py maps the official key
 names onto them.
 """
 

@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .checkpoint import bounded, read_npz, read_safetensors_file
+from .checkpoint import read_npz, read_safetensors_file
 from .files import BadInput, MissingFile, atomic_write
+from .layouts import bounded
 from .schedules import cosine_schedule
 
 MASK_SIZE = 64  # masks are resized to 64x64 before encoding

@@ -8,7 +8,7 @@ transformers is the independent oracle (docs/differences.md §14). Its traps, ha
   values, so a `w` versus `1 + w` mistake cannot hide;
 - Gemma 2 layers alternate sliding and full attention; with our window off, every layer is
   made a full-attention layer.
-The configs come from minipaligemma.checkpoint.hf_config_dict (the one convert() writes): a
+The configs come from minipaligemma.checkpoint_config.hf_config_dict (the one convert() writes): a
 mistake there would make transformers compute another function, which the tests would catch.
 """
 
@@ -19,8 +19,9 @@ import torch
 transformers = __import__("pytest").importorskip("transformers")
 
 from minipaligemma import PaliGemma  # noqa: E402
-from minipaligemma.checkpoint import hf_config_dict, hf_text_config, hf_vision_config, load_hf_state_dict  # noqa: E402
+from minipaligemma.checkpoint_config import hf_config_dict, hf_text_config, hf_vision_config  # noqa: E402
 from minipaligemma.config import PaliGemmaConfig, TextConfig, VisionConfig  # noqa: E402
+from minipaligemma.layouts import load_hf_state_dict  # noqa: E402
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:

@@ -3,7 +3,7 @@
 The transformers files come from transformers itself (save_pretrained, then renamed to the
 hub 4.x spelling, then sharded). The big_vision .npz files are written here by following
 docs/checkpoints.md §3.2-§3.3 (transformers' conversion transforms, inverted), independently of
-minipaligemma.checkpoint. Each file must give transformers' logits on the same weights.
+minipaligemma.layouts. Each file must give transformers' logits on the same weights.
 """
 
 import json
@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_reference import hf_inputs, hf_paligemma
 from minipaligemma import PaliGemma, convert, get_config, load
-from minipaligemma.checkpoint import (OFFICIAL_BV_VOCAB, OFFICIAL_HF_VOCAB, CheckpointError, read_npz,
-                                      to_bigvision, to_hf_state_dict, write_npz)
+from minipaligemma.checkpoint import read_npz, to_hf_state_dict, write_npz
+from minipaligemma.layouts import OFFICIAL_BV_VOCAB, OFFICIAL_HF_VOCAB, CheckpointError, to_bigvision
 from minipaligemma.siglip import resample_pos_embed
 
 # The tiny preset scales queries by 24 != head_dim; an .npz cannot say so, so these file tests

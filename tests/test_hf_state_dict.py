@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from hf_reference import hf_paligemma
 from minipaligemma import PaliGemma, get_config
-from minipaligemma.checkpoint import CheckpointError, canonical_hf_key, load_hf_state_dict
 from minipaligemma.compare import compare_layers, paligemma_hf_layer_pairs
+from minipaligemma.layouts import CheckpointError, canonical_hf_key, load_hf_state_dict
 
 CFG = get_config("tiny")
 
