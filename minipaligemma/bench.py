@@ -45,6 +45,7 @@ from datetime import date
 
 import torch
 
+from .checkpoint import empty_model
 from .checkpoint_config import hf_config_dict
 from .config import PaliGemmaConfig, get_config
 from .files import BadInput
@@ -137,9 +138,7 @@ def build_pair(case: Case, device: torch.device):
     text_attention = "eager" if case.model.text.attn_softcap is not None else "sdpa"
     reference.set_attn_implementation({"": text_attention, "text_config": text_attention, "vision_config": "sdpa"})
     reference = reference.to(device).eval()
-    with torch.device("meta"):
-        ours = PaliGemma(case.model)
-    ours = ours.to_empty(device=device).to(case.dtype)
+    ours = empty_model(case.model, case.dtype, device)
     load_hf_state_dict(ours, reference.state_dict(), source="transformers model")
     return reference, ours.eval()
 

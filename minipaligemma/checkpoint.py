@@ -187,11 +187,12 @@ def write_hf_folder(tensors: dict[str, torch.Tensor], cfg: PaliGemmaConfig, path
 # ---------------------------------------------------------------------------------------------
 # The entry points.
 
-def _empty_model(cfg: PaliGemmaConfig, dtype: torch.dtype) -> PaliGemma:
-    """A model whose tensors are allocated but not initialised: the loader fills every one."""
+def empty_model(cfg: PaliGemmaConfig, dtype: torch.dtype, device="cpu") -> PaliGemma:
+    """A model whose tensors are allocated but not initialised (built on the meta device, so no
+    time goes into random initialisation): for a loader that fills every one."""
     with torch.device("meta"):
         model = PaliGemma(cfg)
-    return model.to_empty(device="cpu").to(dtype)
+    return model.to_empty(device=device).to(dtype)
 
 
 def read_checkpoint(path: Path) -> tuple[str, dict[str, torch.Tensor], dict | None]:
@@ -245,7 +246,7 @@ def load(path, dtype: torch.dtype | None = None, device=None, config: PaliGemmaC
     fmt, tensors, config_json = read_checkpoint(path)
     config = config or config_of(fmt, tensors, config_json, str(path))
     ours = check_checkpoint(fmt, tensors, config, str(path))
-    model = _empty_model(config, dtype or next(iter(ours.values())).dtype)
+    model = empty_model(config, dtype or next(iter(ours.values())).dtype)
     copy_into(model, ours)
     if image_size is not None and image_size != config.vision.image_size:
         model = at_resolution(model, image_size)
@@ -258,7 +259,7 @@ def at_resolution(model: PaliGemma, image_size: int) -> PaliGemma:
     cfg = replace(model.config, vision=replace(model.config.vision, image_size=image_size))
     state = model.state_dict()
     state["vision.pos_embed"] = resample_pos_embed(state["vision.pos_embed"], cfg.vision.grid_size)
-    resized = _empty_model(cfg, state["vision.pos_embed"].dtype)
+    resized = empty_model(cfg, state["vision.pos_embed"].dtype)
     resized.load_state_dict(state, strict=True)
     return resized
 

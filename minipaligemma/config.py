@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from .files import BadInput
 
 
+OFFICIAL_BV_VOCAB = 257152  # 256000 Gemma pieces + 1024 <loc> + 128 <seg>: big_vision's embedding rows
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """SigLIP ViT: patch embedding, learned positions, pre-LN blocks, final LayerNorm."""
@@ -62,7 +65,7 @@ class TextConfig:
     """Gemma decoder. `version` 1 is Gemma (PaliGemma 1), 2 is Gemma 2 (PaliGemma 2)."""
 
     version: int = 2
-    vocab_size: int = 257152  # 256000 Gemma pieces + 1024 <loc> + 128 <seg>
+    vocab_size: int = OFFICIAL_BV_VOCAB
     width: int = 2304
     depth: int = 26
     mlp_dim: int = 9216

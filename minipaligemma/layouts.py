@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .config import PaliGemmaConfig
+from .config import OFFICIAL_BV_VOCAB, PaliGemmaConfig
 from .files import BadInput
 from .gemma import Gemma
 from .paligemma import PaliGemma
@@ -343,7 +343,6 @@ def load_bigvision_params(model: PaliGemma, params: dict[str, torch.Tensor], sou
 # emits. Going to big_vision they are dropped; coming back they are filled with the mean
 # embedding (the centre of the distribution transformers samples them from).
 
-OFFICIAL_BV_VOCAB = 257152  # 256000 Gemma pieces + 1024 <loc> + 128 <seg>
 OFFICIAL_HF_VOCAB = 257216  # + <image> (257152), padded to a multiple of 64
 
 
