@@ -40,17 +40,18 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from .checkpoint import at_resolution, load, to_hf_state_dict, write_hf_folder
 from .config import PaliGemmaConfig, TextConfig, VisionConfig, check_context
-from .data import (SMALL_WORLD, STAGE1_MIXTURE, STAGE2_MIXTURE, TINY_WORLD, Example, JsonlDataset, World,
-                   WorldConfig)
+from .data import STAGE1_MIXTURE, STAGE2_MIXTURE, Example, World
 from .distributed import barrier, init_distributed, local_share, rank_and_world
 from .evaluate import evaluate, metrics_table
 from .files import BadInput, atomic_write
 from .image import preprocess
+from .jsonl import JsonlDataset
 from .loop import ParamGroup, StepLoss, fit, read_log
 from .lora import DEFAULT_TARGETS, add_lora, describe_trainable, merge_lora, save_lora
 from .paligemma import PaliGemma, prefix_lm_loss
 from .plots import save_figure, stage_figure, stages_figure
 from .pretrain import CausalLM, SigLIP, TextEncoder
+from .scenes import SMALL_WORLD, TINY_WORLD, WorldConfig
 from .schedules import cosine_schedule, rsqrt_schedule, slow_warmup
 from .siglip import SigLIPEncoder
 from .tasks import mask_to_target

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minipaligemma.data import (
-    COLOURS, SEGMENT_MASK_SIZE, SMALL_WORLD, STAGE1_MIXTURE, TASKS, JsonlDataset, Scene, World, WorldConfig, mask_crop,
-)
+from minipaligemma.data import SEGMENT_MASK_SIZE, STAGE1_MIXTURE, TASKS, World
+from minipaligemma.jsonl import JsonlDataset
+from minipaligemma.scenes import COLOURS, SMALL_WORLD, Scene, WorldConfig, mask_crop
 
 LOC = re.compile(r"<loc(\d{4})>")
 

@@ -29,10 +29,11 @@ from minipaligemma import PaliGemma, get_config, load
 from minipaligemma.checkpoint import (convert, read_checkpoint, read_safetensors_file, to_hf_state_dict,
                                       write_hf_folder, write_npz)
 from minipaligemma.config import PRESETS, PaliGemmaConfig, TextConfig, VisionConfig, check_context
-from minipaligemma.data import JsonlDataset, World
+from minipaligemma.data import World
 from minipaligemma.files import BadInput, MissingFile, read_json
 from minipaligemma.generate import generate
 from minipaligemma.image import load_image
+from minipaligemma.jsonl import JsonlDataset
 from minipaligemma.layouts import CheckpointError, canonical_hf_key, to_bigvision
 from minipaligemma.tokenizer import Tokenizer, train_tokenizer
 from minipaligemma.vqvae import TINY_CONFIG, MaskVQVAE, load_vqvae, save_vqvae
