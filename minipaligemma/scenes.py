@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-Box = tuple[float, float, float, float]  # (y_min, x_min, y_max, x_max)
+from .tasks import Box  # here in fractions of the image side, 0..1
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
            "yellow": (235, 195, 20), "purple": (150, 60, 190), "orange": (245, 130, 20)}

@@ -59,7 +59,7 @@ _TOKEN = re.compile(r"<loc([0-9]{4})>|<seg([0-9]{3})>")
 _LEADING_TOKENS = re.compile(r"(?:\s*(?:<loc[0-9]{4}>|<seg[0-9]{3}>))*")
 _SPECIAL = re.compile(r"<pad>|<bos>|<unk>")
 
-Box = tuple[float, float, float, float]  # (y_min, x_min, y_max, x_max) in pixels
+Box = tuple[float, float, float, float]  # (y_min, x_min, y_max, x_max): pixels here, fractions in scenes.py
 
 
 @dataclass
