@@ -83,16 +83,16 @@ class LoRALinear(nn.Module):
         return (self.base.weight.float() + delta).to(self.base.weight.dtype)
 
 
-def _roles(target: str) -> tuple[str, list[str]]:
+def parse_target(target: str) -> tuple[str, list[str]]:
     """A target "TOWER.ROLE" or "TOWER.GROUP" -> its tower and the roles it names there."""
     tower, _, role = target.partition(".")
     if tower not in ROLES:
-        raise ValueError(f"LoRA target {target!r}: the tower must be one of {list(ROLES)}")
+        raise BadInput(f"LoRA target {target!r}: the tower must be one of {list(ROLES)}")
     if role in GROUPS:
         return tower, [r for r in GROUPS[role] if r in ROLES[tower]]  # the image encoder has no gate
     if role in ROLES[tower]:
         return tower, [role]
-    raise ValueError(f"LoRA target {target!r}: {tower} has the roles {list(ROLES[tower])} "
+    raise BadInput(f"LoRA target {target!r}: {tower} has the roles {list(ROLES[tower])} "
                      f"and the groups {list(GROUPS)}")
 
 
@@ -101,7 +101,7 @@ def target_layers(model: nn.Module, targets) -> list[str]:
     docstring) pick in `model`, every block of the tower, e.g. "llm.layers.0.attn.q_proj"."""
     names = []
     for target in targets:
-        tower, roles = _roles(target)
+        tower, roles = parse_target(target)
         for i in range(len(model.get_submodule(BLOCKS[tower]))):
             names += [f"{BLOCKS[tower]}.{i}.{ROLES[tower][role]}" for role in roles]
     return list(dict.fromkeys(names))  # each layer once, in order

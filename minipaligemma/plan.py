@@ -54,6 +54,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
 from .config import PRESETS, PaliGemmaConfig, get_config
+from .files import BadInput
 from .lora import DEFAULT_TARGETS, add_lora
 from .paligemma import PaliGemma, prefix_lm_loss
 
@@ -200,12 +201,12 @@ def plan(config: str | PaliGemmaConfig, batch: int, text_len: int, lora: int | N
     fine-tuning, or LoRA of rank `lora` on `lora_targets`, on a `dtype` or (qlora) 4-bit base.
     `device` ("cuda" or "cpu") picks the optimizer's update path, as PyTorch does."""
     if optimizer not in OPTIMIZERS or dtype not in DTYPES or device not in ("cuda", "cpu"):
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, dtype one of {list(DTYPES)}, device cuda or cpu; "
+        raise BadInput(f"optimizer must be one of {OPTIMIZERS}, dtype one of {list(DTYPES)}, device cuda or cpu; "
                          f"got {optimizer!r}, {dtype!r}, {device!r}")
     if qlora and lora is None:
-        raise ValueError("QLoRA trains LoRA adapters on the quantized base: give a LoRA rank")
+        raise BadInput("QLoRA trains LoRA adapters on the quantized base: give a LoRA rank")
     if isinstance(config, str) and config not in PRESETS:
-        raise ValueError(f"unknown preset {config!r}; known presets: {', '.join(PRESETS)}")
+        raise BadInput(f"unknown preset {config!r}; known presets: {', '.join(PRESETS)}")
     cfg = get_config(config) if isinstance(config, str) else config
     cfg = replace(cfg, text=replace(cfg.text, final_softcap=None))  # as stage 3 transfers
     fake = FakeTensorMode()

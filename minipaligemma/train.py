@@ -47,7 +47,7 @@ from .files import BadInput, atomic_write
 from .image import preprocess
 from .jsonl import JsonlDataset
 from .loop import ParamGroup, StepLoss, fit, read_log
-from .lora import DEFAULT_TARGETS, add_lora, describe_trainable, merge_lora, save_lora
+from .lora import DEFAULT_TARGETS, add_lora, describe_trainable, merge_lora, parse_target, save_lora
 from .paligemma import PaliGemma, prefix_lm_loss
 from .plots import save_figure, stage_figure, stages_figure
 from .pretrain import CausalLM, SigLIP, TextEncoder
@@ -137,6 +137,8 @@ class Transfer:
     def __post_init__(self):
         if self.method not in TRANSFER_METHODS:
             raise ValueError(f"transfer method must be one of {TRANSFER_METHODS}, got {self.method!r}")
+        for target in self.lora_targets:  # a misspelt target fails here, before any training
+            parse_target(target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +219,12 @@ class Trainer:
                                text=replace(self.recipe.text, vocab_size=self.tokenizer.vocab_size, **text_changes))
 
     def load_stage(self, stage: int) -> PaliGemma:
-        return load(self.stage_dir(stage) / "model", dtype=torch.float32).to(self.device)
+        """The exported model of a finished stage; a BadInput saying what to run when it is missing."""
+        folder = self.stage_dir(stage) / "model"
+        if not (folder / "config.json").exists():
+            raise BadInput(f"{folder}: stage {stage} has not finished in this output folder; run it first "
+                           f"(--stages {','.join(map(str, range(stage + 1)))}) or transfer official weights with --init and --data")
+        return load(folder, dtype=torch.float32).to(self.device)
 
     def finish_stage(self, stage: int, model: PaliGemma, log: Path, evaluate_at: int | None) -> None:
         """Evaluate; write metrics, pictures and the model (rank 0); then wait for every rank.

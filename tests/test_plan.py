@@ -174,5 +174,5 @@ def test_plan_command(capsys):
                  "--lora-targets", "llm.q,vision.attn", "--checkpoint-activations"]) == 0
     out = capsys.readouterr().out
     assert "LoRA rank 4 on llm.q,vision.attn" in out and "activation checkpointing" in out and "activations" in out
-    assert main(["plan", "--preset", "nope"]) == 1
+    assert main(["plan", "--preset", "nope"]) == 2
     assert "unknown preset" in capsys.readouterr().err
