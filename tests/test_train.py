@@ -258,16 +258,22 @@ def test_two_processes_follow_the_single_process_trajectory(tokenizer, tmp_path,
     assert all(torch.allclose(single[k], sharded[k], atol=1e-4) for k in single)
 
 
-def test_transfer_from_weights_on_a_jsonl_dataset(tokenizer, tmp_path):
-    """Stage 3 with --init (a checkpoint folder with its tokenizer) and --data (JSONL)."""
+def write_colour_transfer(tokenizer, folder: Path) -> None:
+    """folder/init (an untrained tiny model with its tokenizer, as --init reads it) and
+    folder/train.jsonl (8 one-colour images, each asked its colour), for stage-3 tests."""
     model = tiny_model(tokenizer)
-    write_hf_folder(to_hf_state_dict(model), model.config, tmp_path / "init")
-    tokenizer.save(tmp_path / "init" / "tokenizer.model")
+    write_hf_folder(to_hf_state_dict(model), model.config, folder / "init")
+    tokenizer.save(folder / "init" / "tokenizer.model")
     rows = []
     for i, colour in enumerate(["red", "green", "blue", "yellow"] * 2):
-        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.png")
+        Image.new("RGB", (40, 30), colour).save(folder / f"{i}.png")
         rows.append(json.dumps({"image": f"{i}.png", "prefix": "answer en what colour is it?", "suffix": colour}))
-    (tmp_path / "train.jsonl").write_text("\n".join(rows))
+    (folder / "train.jsonl").write_text("\n".join(rows))
+
+
+def test_transfer_from_weights_on_a_jsonl_dataset(tokenizer, tmp_path):
+    """Stage 3 with --init (a checkpoint folder with its tokenizer) and --data (JSONL)."""
+    write_colour_transfer(tokenizer, tmp_path)
     recipe = replace(RECIPES["tiny"], batch_size=8, stage3_steps=30, transfer_lr=3e-3)
     run(recipe, tmp_path / "out", stages=(3,), init=tmp_path / "init", data=tmp_path / "train.jsonl")
     state = json.loads((tmp_path / "out" / "stage3" / "checkpoint.json").read_text())
@@ -280,14 +286,7 @@ def test_transfer_from_weights_on_a_jsonl_dataset(tokenizer, tmp_path):
 def test_transfer_methods_train_what_they_say(tokenizer, tmp_path, method):
     """LoRA trains adapters only and exports merged weights (plus the adapters alone); the
     colab recipe changes the decoder's attention weights and nothing else. Both lower the loss."""
-    model = tiny_model(tokenizer)
-    write_hf_folder(to_hf_state_dict(model), model.config, tmp_path / "init")
-    tokenizer.save(tmp_path / "init" / "tokenizer.model")
-    rows = []
-    for i, colour in enumerate(["red", "green", "blue", "yellow"] * 2):
-        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.png")
-        rows.append(json.dumps({"image": f"{i}.png", "prefix": "answer en what colour is it?", "suffix": colour}))
-    (tmp_path / "train.jsonl").write_text("\n".join(rows))
+    write_colour_transfer(tokenizer, tmp_path)
     recipe = replace(RECIPES["tiny"], batch_size=8, stage3_steps=60, lora_lr=3e-2)  # an untrained base: a large rate
     run(recipe, tmp_path / "out", stages=(3,), init=tmp_path / "init", data=tmp_path / "train.jsonl",
         transfer=Transfer(method=method, lora_rank=4))
