@@ -26,13 +26,12 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
+from .checkpoint import read_safetensors_file
 from .distributed import rank_and_world, wrap_for_training
 from .files import BadInput, atomic_write
 
@@ -90,10 +89,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     sharded); return the trainer state. A damaged file is a BadInput naming it: it is never
     silently replaced by a fresh start."""
     try:
-        tensors = load_file(path)
-        with safe_open(path, "pt") as f:
-            state = json.loads(f.metadata()["trainer_state"])
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+        tensors, metadata = read_safetensors_file(path)  # one read; a damaged file is a BadInput
+        state = json.loads(metadata["trainer_state"])
+    except (BadInput, KeyError, TypeError, ValueError) as err:
         raise BadInput(f"{path}: not a readable training checkpoint ({type(err).__name__}: {err}); "
                        "delete it to start this stage again from scratch") from None
     model_state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .files import BadInput, atomic_write
+from .checkpoint import read_safetensors_file
 from .layouts import raise_problems, tensor_problems
 
 # Where each role's linear layer sits inside one block of each tower (see gemma.py, siglip.py).
@@ -179,14 +179,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
 
 def read_lora(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """The configuration and tensors of an adapter file written by save_lora."""
-    if not Path(path).is_file():
-        raise BadInput(f"{path}: file not found")
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        raise BadInput(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+    tensors, metadata = read_safetensors_file(Path(path))
     try:
         config = json.loads(metadata["lora"])
         config = {key: config[key] for key in ("rank", "alpha", "dropout", "targets")}
