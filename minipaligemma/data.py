@@ -90,6 +90,16 @@ def _unique(scene: Scene, obj: Object, fields: tuple[str, ...]) -> bool:
     return sum(all(getattr(o, f) == getattr(obj, f) for f in fields) for o in scene.objects) == 1
 
 
+QUESTION_KINDS = {"colour": "what colour", "shape": "what shape", "count": "how many", "exists": "is there",
+                  "spatial": "is the"}  # each kind of `answer` question and how its questions begin
+
+
+def question_kind(prefix: str) -> str:
+    """The kind of an `answer` prompt ("answer en what colour is the circle?" -> "colour")."""
+    question = prefix.removeprefix("answer en ")
+    return next(kind for kind, start in QUESTION_KINDS.items() if question.startswith(start))
+
+
 def _questions(scene: Scene, rng: random.Random, config: WorldConfig) -> list[list[tuple[str, str]]]:
     """The (question, answer) pairs the scene settles, one list per kind: colour, shape, count,
     presence (as many yes as no), spatial relation. Kinds with nothing to ask are left out."""

@@ -61,7 +61,7 @@ def stage_figure(records: list[dict], title: str, metrics: dict[str, float] | No
 
     if metrics:
         ax = axes[2]
-        names = list(metrics)
+        names = [n for n in metrics if n in METRIC_NAMES]  # the tasks' metrics, not the finer views
         bars = ax.bar(names, [metrics[n] for n in names], color=[f"C{i}" for i in range(len(names))])
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(range(len(names)), [f"{n}\n{METRIC_NAMES[n]}" for n in names], fontsize=7)

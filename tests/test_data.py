@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minipaligemma.data import SEGMENT_MASK_SIZE, STAGE1_MIXTURE, TASKS, World
+from minipaligemma.data import SEGMENT_MASK_SIZE, STAGE1_MIXTURE, TASKS, World, question_kind
 from minipaligemma.jsonl import JsonlDataset
 from minipaligemma.scenes import COLOURS, SMALL_WORLD, Scene, WorldConfig, mask_crop
 
@@ -167,29 +167,36 @@ def test_answers_are_true():
         question, answer = example.prefix.removeprefix("answer en "), example.suffix
         if m := re.fullmatch(r"how many (\w+)s are there\?", question):
             kinds.add("count shape")
+            kind = "count"
             assert answer == str(len(find(scene, shape=m[1])))
         elif m := re.fullmatch(r"how many (\w+) objects are there\?", question):
             kinds.add("count colour")
+            kind = "count"
             assert answer == str(len(find(scene, colour=m[1])))
         elif m := re.fullmatch(r"what colour is the (?:(small|large) )?(\w+)\?", question):
             kinds.add("colour")
+            kind = "colour"
             (obj,) = find(scene, shape=m[2], size=m[1])
             assert answer == obj.colour
         elif m := re.fullmatch(r"what shape is the (?:(small|large) )?(\w+) object\?", question):
             kinds.add("shape")
+            kind = "shape"
             (obj,) = find(scene, colour=m[2], size=m[1])
             assert answer == obj.shape
         elif m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
             kinds.add(f"presence {answer}")
+            kind = "exists"
             assert answer == ("yes" if find(scene, m[1], m[2]) else "no")
         else:
             m = re.fullmatch(r"is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?", question)
             kinds.add(f"relation {answer}")
+            kind = "spatial"
             (a,), (b,) = find(scene, m[1], m[2]), find(scene, m[4], m[5])
             (ay, ax), (by, bx) = [((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2) for o in (a, b)]
             truth = {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[m[3]]
             assert answer == ("yes" if truth else "no")
             assert abs(ax - bx if m[3].endswith("of") else ay - by) >= 0.1  # never a close call
+        assert question_kind(example.prefix) == kind  # the evaluation's per-kind accuracy groups by this
     assert kinds == {"count shape", "count colour", "colour", "shape", "presence yes", "presence no",
                      "relation yes", "relation no"}
 
