@@ -6,8 +6,11 @@ pretrained alone (PaliGemma paper, arXiv 2407.07726, §3.2.1). At toy scale the 
 - The image encoder, SigLIP style (arXiv 2303.15343): images and their captions are embedded by
   two towers, and every (image, text) pair of a batch is classified independently as matching
   or not with a sigmoid, instead of a softmax over the batch (CLIP's loss, kept here for
-  comparison). The text tower and the pooled heads exist only for this stage; PaliGemma keeps
-  the image encoder alone.
+  comparison). The text tower and the pooling head exist only for this stage; PaliGemma keeps
+  the image encoder alone. The image side pools its tokens with SigLIP's attention-pooling
+  ("MAP") head, a learned probe that attends to every token: with a plain mean instead, the
+  encoder is free to make all of a frame's tokens alike (the mean is all the loss sees), and
+  the decoder then gets tokens that say little about where things are.
 - The decoder as a causal language model on the world's text (`CausalLM`).
 """
 
@@ -19,7 +22,7 @@ from torch import nn
 
 from .config import VisionConfig
 from .paligemma import make_attn_mask, prefix_lm_loss
-from .siglip import EncoderBlock, SigLIPEncoder
+from .siglip import MLP, EncoderBlock, SigLIPEncoder
 
 
 class TextEncoder(nn.Module):
@@ -42,20 +45,46 @@ class TextEncoder(nn.Module):
         return self.head(last)  # [B, E]
 
 
-class SigLIP(nn.Module):
-    """Two towers and the sigmoid loss's learned temperature and bias."""
+class MAPHead(nn.Module):
+    """SigLIP's multihead attention pooling: a learned probe token attends to the image tokens
+    [B, P, D], followed by a residual MLP; the probe's output is the image's vector [B, D]."""
 
-    def __init__(self, image: SigLIPEncoder, text: TextEncoder, embed_dim: int):
+    def __init__(self, cfg: VisionConfig):
         super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, cfg.width) * cfg.width**-0.5)
+        self.attn = nn.MultiheadAttention(cfg.width, cfg.num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.expand(tokens.shape[0], -1, -1)  # [B, 1, D]
+        pooled = self.attn(probe, tokens, tokens, need_weights=False)[0]  # [B, 1, D]
+        return (pooled + self.mlp(self.norm(pooled)))[:, 0]  # [B, D]
+
+
+POOLINGS = ("map", "mean")
+
+
+class SigLIP(nn.Module):
+    """Two towers and the sigmoid loss's learned temperature and bias. `pooling` is how the
+    image tokens become one vector: "map" (SigLIP's head, the default) or "mean" (to compare)."""
+
+    def __init__(self, image: SigLIPEncoder, text: TextEncoder, embed_dim: int, pooling: str = "map"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.image = image
-        self.image_head = nn.Linear(image.config.width, embed_dim)  # on mean-pooled tokens
+        self.pool = MAPHead(image.config) if pooling == "map" else None  # None: the mean of the tokens
+        self.image_head = nn.Linear(image.config.width, embed_dim)
         self.text = text
         self.log_temperature = nn.Parameter(torch.tensor(math.log(10.0)))  # SigLIP's initial t = 10
         self.bias = nn.Parameter(torch.tensor(-10.0))  # and b = -10: most pairs are negatives
 
     def forward(self, pixel_values, input_ids, lengths) -> torch.Tensor:
         """The sigmoid loss of a batch of matching (image, text) pairs."""
-        zimg = F.normalize(self.image_head(self.image(pixel_values).mean(dim=1)), dim=-1)  # [B, E]
+        tokens = self.image(pixel_values)  # [B, P, D]
+        pooled = tokens.mean(dim=1) if self.pool is None else self.pool(tokens)  # [B, D]
+        zimg = F.normalize(self.image_head(pooled), dim=-1)  # [B, E]
         ztxt = F.normalize(self.text(input_ids, lengths), dim=-1)  # [B, E]
         return sigmoid_loss(zimg, ztxt, self.log_temperature.exp(), self.bias)
 

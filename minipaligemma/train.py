@@ -86,6 +86,7 @@ class Recipe:
     eval_examples: int = 48
     checkpoint_every: int = 50
     dtype: str = "float32"
+    siglip_pooling: str = "map"  # pretrain.POOLINGS: SigLIP's attention-pooling head, or "mean" to compare
 
 
 RECIPES = {
@@ -297,7 +298,7 @@ class Trainer:
         cfg = self.model_config(size)
         torch.manual_seed(self.seed)
         siglip = SigLIP(SigLIPEncoder(cfg.vision), TextEncoder(cfg.vision, cfg.text.vocab_size, 64, cfg.vision.width),
-                        cfg.vision.width).to(self.device)
+                        cfg.vision.width, r.siglip_pooling).to(self.device)
 
         def siglip_loss(trained, t):
             examples = world_examples(self.world, size, {"caption": 1.0}, r.batch_size, 0, t)

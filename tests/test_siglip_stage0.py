@@ -1,12 +1,13 @@
-"""Stage 0's contrastive losses: SigLIP's sigmoid loss and CLIP's softmax loss."""
+"""Stage 0's contrastive losses (SigLIP's sigmoid loss, CLIP's softmax loss) and its pooling head."""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from minipaligemma import get_config
-from minipaligemma.pretrain import SigLIP, TextEncoder, sigmoid_loss, softmax_contrastive_loss
+from minipaligemma.pretrain import MAPHead, SigLIP, TextEncoder, sigmoid_loss, softmax_contrastive_loss
 from minipaligemma.siglip import SigLIPEncoder
 
 
@@ -44,3 +45,33 @@ def test_two_towers_train_on_a_toy_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_map_head_is_attention_pooling_with_a_residual_mlp():
+    """Written out by hand: one probe query, softmax over the tokens, value average, out
+    projection, then x + MLP(LayerNorm(x)). A token repeated P times pools to what one gives."""
+    torch.manual_seed(3)
+    cfg = get_config("tiny").vision
+    head = MAPHead(cfg)
+    tokens = torch.randn(2, 5, cfg.width)
+    w_q, w_k, w_v = head.attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = head.attn.in_proj_bias.chunk(3)
+    heads, d = cfg.num_heads, cfg.width // cfg.num_heads
+    q = (head.probe[0] @ w_q.T + b_q).view(1, heads, d)  # [1, N, H]
+    k = (tokens @ w_k.T + b_k).view(2, 5, heads, d)  # [B, P, N, H]
+    v = (tokens @ w_v.T + b_v).view(2, 5, heads, d)
+    weights = torch.softmax(torch.einsum("qnh,bpnh->bnp", q, k) / math.sqrt(d), dim=-1)  # [B, N, P]
+    pooled = head.attn.out_proj(torch.einsum("bnp,bpnh->bnh", weights, v).reshape(2, cfg.width))  # [B, D]
+    expected = pooled + head.mlp(head.norm(pooled))
+    assert torch.allclose(head(tokens), expected, atol=1e-5)
+    one = tokens[:, :1]
+    assert torch.allclose(head(one.expand(2, 5, cfg.width)), head(one), atol=1e-5)
+
+
+def test_pooling_choices():
+    cfg = get_config("tiny").vision
+    towers = SigLIPEncoder(cfg), TextEncoder(cfg, vocab_size=50, max_len=8, embed_dim=16)
+    assert isinstance(SigLIP(*towers, embed_dim=16).pool, MAPHead)
+    assert SigLIP(*towers, embed_dim=16, pooling="mean").pool is None
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        SigLIP(*towers, embed_dim=16, pooling="max")
