@@ -55,7 +55,7 @@ RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": 
 
 SEGMENT_MASK_SIZE = 256  # resolution of the mask handed to segment_target
 RELATION_GAP = 0.1  # spatial questions need centres this far apart on the axis asked about
-PRESENT = 0.8  # share of `detect` things that are in the image (the rest are negatives)
+PRESENT = 0.8  # share of a `detect` prompt's later things that are in the image (the rest are negatives)
 
 
 def _weighted_choice(rng: random.Random, weights: Mapping[str, float]) -> str:
@@ -136,16 +136,21 @@ def _matches(thing: str, obj: Object) -> bool:
 
 
 def _detect(scene, rng, world):
-    """1..max_detect things (a shape or a colour and shape), each present with probability PRESENT.
+    """1..max_detect things (a shape or a colour and shape): the first in the image, each later
+    one present with probability PRESENT (the rest are negatives, which the answer leaves out).
 
     Every object matching a thing gets its box and label, in the order of the prompt and then
-    the reading order. Two things never match the same object.
+    the reading order. Two things never match the same object. The first thing is always
+    present so that no answer is empty: a small model unsure where a box goes spreads the first
+    token over several <loc> tokens, and greedy decoding then prefers a lone end-of-sequence
+    (measured: every held-out detection came back empty, F1 0, while one prompt in eight had
+    an empty answer).
     """
     config = world.config
     vocabulary = list(config.shapes) + [f"{c} {s}" for c in config.colours for s in config.shapes]
     things: list[str] = []
     for _ in range(1 + int(rng.random() * config.max_detect)):
-        present = rng.random() < PRESENT
+        present = not things or rng.random() < PRESENT
         options = [t for t in vocabulary if t not in things
                    and any(_matches(t, o) for o in scene.objects) == present
                    and not any(_matches(t, o) and _matches(u, o) for u in things for o in scene.objects)]
