@@ -87,6 +87,7 @@ class Recipe:
     checkpoint_every: int = 50
     dtype: str = "float32"
     siglip_pooling: str = "map"  # pretrain.POOLINGS: SigLIP's attention-pooling head, or "mean" to compare
+    siglip_task: str = "caption"  # the world's texts that stage 0's SigLIP pairs with the images
 
 
 RECIPES = {
@@ -96,7 +97,7 @@ RECIPES = {
         text=TextConfig(version=2, width=128, depth=3, mlp_dim=384, num_heads=4, num_kv_heads=2, head_dim=32,
                         query_pre_attn_scalar=32),
         world=TINY_WORLD, low_res=32, high_res=64, batch_size=32, tokenizer_pieces=512, vqvae_steps=300,
-        siglip_steps=200, lm_steps=300, stage1_steps=1200, stage2_steps=2400, stage3_steps=200,
+        siglip_steps=3000, lm_steps=300, stage1_steps=1500, stage2_steps=900, stage3_steps=200,
         vision_warmup_steps=300, rsqrt_timescale=1000, eval_examples=96),
     # One GPU, about an hour in bfloat16: 112 -> 224 px with So400m's 14 px patches.
     "small": Recipe(
@@ -301,7 +302,7 @@ class Trainer:
                         cfg.vision.width, r.siglip_pooling).to(self.device)
 
         def siglip_loss(trained, t):
-            examples = world_examples(self.world, size, {"caption": 1.0}, r.batch_size, 0, t)
+            examples = world_examples(self.world, size, {r.siglip_task: 1.0}, r.batch_size, 0, t)
             ids = [self.tokenizer.encode(e.suffix) + [self.tokenizer.eos_id] for e in examples]
             lengths = torch.tensor([len(x) for x in ids], device=self.device)
             padded = torch.tensor([x + [0] * (max(lengths) - len(x)) for x in ids], device=self.device)
