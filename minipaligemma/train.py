@@ -87,7 +87,6 @@ class Recipe:
     checkpoint_every: int = 50
     dtype: str = "float32"
     siglip_pooling: str = "map"  # pretrain.POOLINGS: SigLIP's attention-pooling head, or "mean" to compare
-    siglip_task: str = "caption"  # the world's texts that stage 0's SigLIP pairs with the images
 
 
 RECIPES = {
@@ -302,7 +301,7 @@ class Trainer:
                         cfg.vision.width, r.siglip_pooling).to(self.device)
 
         def siglip_loss(trained, t):
-            examples = world_examples(self.world, size, {r.siglip_task: 1.0}, r.batch_size, 0, t)
+            examples = world_examples(self.world, size, {"caption": 1.0}, r.batch_size, 0, t)
             ids = [self.tokenizer.encode(e.suffix) + [self.tokenizer.eos_id] for e in examples]
             lengths = torch.tensor([len(x) for x in ids], device=self.device)
             padded = torch.tensor([x + [0] * (max(lengths) - len(x)) for x in ids], device=self.device)
