@@ -279,8 +279,8 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
         applied=_as_gemma1),
     Bug(name="causal-prefix",
         change="mask = causal",
-        shipped="transformers' PaliGemma called without token_type_ids (eager attention: causal "
-                "everywhere; docs/differences.md §7)",
+        shipped="transformers 5.x's PaliGemma 1 called without token_type_ids (eager attention: "
+                "causal everywhere; docs/differences.md §7)",
         symptom="image and prompt tokens no longer see later ones: the prefix block is lost",
         caught_by="property: prefix tokens see each other both ways",
         applied=lambda model: replaced(block_mask, causal_block_mask)),
@@ -294,7 +294,8 @@ BUGS: dict[str, Bug] = {bug.name: bug for bug in [
     Bug(name="token-types-missing",
         change="mask_ar = [0] * len(tokens)",
         shipped="training batches whose token types are all 0, so the suffix is bidirectional "
-                "(transformers 5.x without token_type_ids under SDPA; docs/differences.md §7)",
+                "(transformers 5.x's PaliGemma 1 without token_type_ids under SDPA; "
+                "docs/differences.md §7)",
         symptom="label leakage: each answer token sees the next one, the training loss falls to "
                 "~0, the captions stay wrong",
         caught_by="property: a suffix logit never depends on later tokens; the layout check; a "
