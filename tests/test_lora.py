@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from minipaligemma import PaliGemma, get_config, prefix_lm_loss
+from minipaligemma.__main__ import main
 from minipaligemma.checkpoint import load, to_hf_state_dict, write_hf_folder
 from minipaligemma.files import BadInput
 from minipaligemma.lora import (DEFAULT_TARGETS, LoRALinear, add_lora, dequantize_base, describe_trainable, load_lora,
@@ -446,6 +447,7 @@ def test_qlora_transfer_keeps_a_bfloat16_4bit_base_and_optimizes_the_adapters_on
 
     with pytest.raises(ValueError, match="base_dtype"):
         Transfer("full", base_dtype="bfloat16")
+    assert main(["train", "--out", str(tmp_path / "cli"), "--stages", "3", "--qlora"]) == 2  # needs --lora
 
 
 def target_names(cfg) -> list[str]:
