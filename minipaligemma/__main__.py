@@ -106,10 +106,13 @@ def cmd_train(args) -> None:
         raise BadInput(f"--preset {args.preset}: unknown; the recipes are {', '.join(RECIPES)}")
     if args.lora is not None and args.colab:
         raise BadInput("--lora and --colab are two ways of fine-tuning: choose one")
+    if args.lora is None and (args.qlora or args.base_dtype):
+        raise BadInput("--qlora and --base-dtype concern the frozen base of LoRA: give --lora RANK too")
     device = None if args.device is None else _device(args.device)
-    method = "lora" if args.lora is not None else "colab" if args.colab else "full"
+    method = ("qlora" if args.qlora else "lora") if args.lora is not None else "colab" if args.colab else "full"
     targets = tuple(args.lora_targets.split(",")) if args.lora_targets else DEFAULT_TARGETS
-    transfer = Transfer(method, args.freeze_vision, args.lora or 16, targets)
+    transfer = Transfer(method, args.freeze_vision, args.lora or 16, targets, args.base_dtype,
+                        args.checkpoint_activations)
     run(args.preset, args.out, stages=args.stages, task=args.task, seed=args.seed, device=device,
         transfer=transfer, init=args.init, data=args.data, fsdp=args.fsdp)
 
@@ -237,8 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 3: train LoRA adapters of this rank only (the exported model is merged)")
     p.add_argument("--lora-targets", default=None,
                    help="with --lora: comma-separated TOWER.ROLE, e.g. llm.attn,vision.q (default llm.attn,llm.mlp)")
+    p.add_argument("--qlora", action="store_true",
+                   help="with --lora: QLoRA, the base's block weights stored in 4 bits (NF4)")
+    p.add_argument("--base-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="with --lora: the frozen base's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--colab", action="store_true",
                    help="stage 3: big_vision's colab recipe (decoder attention weights only, SGD at 0.03)")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="stage 3: recompute each block's activations in the backward pass (less memory)")
     p.add_argument("--init", help="stage 3 from official weights (needs --data)")
     p.add_argument("--data", help="stage 3 on a JSONL dataset of {image, prefix, suffix}")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP2) instead of DDP")

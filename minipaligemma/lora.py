@@ -29,6 +29,16 @@ Targets name the layers to adapt as "TOWER.ROLE": TOWER is `llm` (the Gemma deco
 (the SigLIP image encoder), ROLE one of q, k, v, o (attention) or gate, up, down (MLP), or
 `attn` / `mlp` for a group. The image encoder's MLP has no gate: its fc1 is `up` and fc2 `down`.
 Every block of the tower gets the adapter.
+
+QLoRA (Dettmers et al., 2023, arXiv 2305.14314) is LoRA on a base whose weights are stored in 4
+bits: `quantize_base` turns the linear layers of both towers' blocks into quantize.py's
+QuantizedLinear (NF4 in groups of 64 by default: 4.25 bits a weight with bfloat16 scales), and
+`add_lora` wraps those as it wraps nn.Linear. The frozen path multiplies by the dequantized
+weight; the adapters' gradients flow through it to the layers below, and the 4-bit codes, being
+buffers, never get one. The backward pass dequantizes each weight again rather than keeping the
+forward's float copy (`DequantizedMatmul`), so a step holds no float copy of the base. Merging
+folds B A into the dequantized weight, and `dequantize_base` turns the layers without an adapter
+back into float ones: the result is the float model that was trained.
 """
 
 import json
@@ -44,6 +54,7 @@ from torch import nn
 from .files import BadInput, atomic_write
 from .checkpoint import read_safetensors_file
 from .layouts import raise_problems, tensor_problems
+from .quantize import QuantizedLinear, quantize_model
 
 # Where each role's linear layer sits inside one block of each tower (see gemma.py, siglip.py).
 BLOCKS = {"llm": "llm.layers", "vision": "vision.blocks"}
@@ -57,14 +68,33 @@ GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 DEFAULT_TARGETS = ("llm.attn", "llm.mlp")  # every linear layer of the decoder
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus its trainable low-rank correction (alpha / rank) * B A."""
+class DequantizedMatmul(torch.autograd.Function):
+    """y = layer(x) for a frozen QuantizedLinear, differentiable with respect to x only.
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    Under plain autograd, F.linear(x, W) keeps the dequantized W [out, in] until the backward
+    pass, which needs it for dL/dx = dL/dy W: for a whole model, a float copy of the base, which
+    is what the 4 bits were meant to save. This keeps nothing and dequantizes W again there.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer(x)  # [..., out]; autograd is off in here, so nothing is kept
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantize().to(grad.dtype), None  # dL/dx [..., in]; the layer gets none
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (nn.Linear, or QuantizedLinear for QLoRA) plus its trainable
+    low-rank correction (alpha / rank) * B A."""
+
+    def __init__(self, base: nn.Linear | QuantizedLinear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.rank, self.alpha, self.dropout_p, self.scale = rank, alpha, dropout, alpha / rank
-        device = base.weight.device
+        device = (base.scale if isinstance(base, QuantizedLinear) else base.weight).device
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))  # [r, in]
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # [out, r]
         bound = 1 / math.sqrt(base.in_features)
@@ -75,12 +105,29 @@ class LoRALinear(nn.Module):
         """x [..., in] -> W x + b + scale * B (A dropout(x)), [..., out]."""
         a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
         correction = F.linear(F.linear(self.dropout(x), a), b)  # [..., out], through [..., r]
-        return self.base(x) + self.scale * correction
+        frozen = DequantizedMatmul.apply(x, self.base) if isinstance(self.base, QuantizedLinear) else self.base(x)
+        return frozen + self.scale * correction
 
-    def merged_weight(self) -> torch.Tensor:
-        """W + scale * B A [out, in], computed in float32, in the base weight's dtype."""
+    def merged(self) -> nn.Linear:
+        """The plain nn.Linear computing W + scale * B A (summed in float32): the base itself,
+        updated in place, or for a quantized base a float layer holding the dequantized W."""
+        layer = dequantized_linear(self.base) if isinstance(self.base, QuantizedLinear) else self.base
         delta = self.scale * (self.lora_b.float() @ self.lora_a.float())  # [out, in]
-        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.float() + delta)
+        return layer.requires_grad_(False)
+
+
+def dequantized_linear(layer: QuantizedLinear) -> nn.Linear:
+    """A frozen float nn.Linear holding the quantized layer's dequantized weight (in its scales'
+    dtype) and its bias: the same function, as an ordinary layer."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=layer.scale.device, dtype=layer.scale.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(layer.dequantize())
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    return linear.requires_grad_(False)
 
 
 def parse_target(target: str) -> tuple[str, list[str]]:
@@ -128,23 +175,45 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets, dropout: float 
     for name in names:
         parent, _, child = name.rpartition(".")
         base = model.get_submodule(name)
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"LoRA target layer {name} is a {type(base).__name__}, not an nn.Linear")
+        if not isinstance(base, (nn.Linear, QuantizedLinear)):
+            raise ValueError(f"LoRA target layer {name} is a {type(base).__name__}, not an nn.Linear or QuantizedLinear")
         setattr(model.get_submodule(parent), child, LoRALinear(base, rank, alpha, dropout))
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight and put the plain nn.Linear back; return the model.
+    """Fold every adapter into its weight and put a plain nn.Linear back; return the model.
 
     The merged model computes what the adapted one did, as an ordinary model (its parameters
-    stay frozen: `model.requires_grad_(True)` to train them all).
+    stay frozen: `model.requires_grad_(True)` to train them all). A quantized base's layers
+    become float layers holding the dequantized weight plus the adapter's correction.
     """
     for name, layer in lora_layers(model).items():
-        with torch.no_grad():
-            layer.base.weight.copy_(layer.merged_weight())
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base)
+        setattr(model.get_submodule(parent), child, layer.merged())
+    return model
+
+
+def quantize_base(model: nn.Module, scheme: str = "nf4", group_size: int = 64) -> nn.Module:
+    """QLoRA's base: replace the linear layers of both towers' blocks by QuantizedLinear layers
+    (quantize.py, scheme "nf4" or "int4"; scales in the model's dtype), in place, before
+    add_lora; return the model. The token table, projector and norms stay as they are."""
+    if scheme not in ("nf4", "int4"):
+        raise ValueError(f"QLoRA quantizes the base to 4 bits: scheme 'nf4' or 'int4', not {scheme!r}")
+    for blocks in BLOCKS.values():
+        quantize_model(model.get_submodule(blocks), scheme, group_size, include_embedding=False)
+    return model
+
+
+def dequantize_base(model: nn.Module) -> nn.Module:
+    """Undo quantize_base up to its rounding: every QuantizedLinear of both towers' blocks (an
+    adapter's base included) becomes a float nn.Linear holding its dequantized weight; return the
+    model. With merge_lora, what a QLoRA model exports."""
+    for blocks in BLOCKS.values():
+        for parent in list(model.get_submodule(blocks).modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, QuantizedLinear):
+                    setattr(parent, name, dequantized_linear(child))
     return model
 
 

@@ -21,12 +21,19 @@ The sequence the decoder reads is (docs/sequence-and-masks.md §1)
 - Logits are returned for the text positions only, as big_vision does.
 - The loss is next-token cross-entropy on the suffix only (`mask_loss`), averaged per example
   and then over the batch, as big_vision does; transformers instead averages over all
-  supervised tokens of the batch (`reduction="token"` computes that).
+  supervised tokens of the batch (`reduction="token"` computes that). `prefix_lm_loss` is the
+  reference, from logits [B, T, V]; training uses `supervised_loss`, the same value with logits
+  computed only at the positions whose next token carries loss, a few at a time.
+- `checkpoint_blocks` makes every block of both towers recompute its activations in the
+  backward pass instead of keeping them: less memory for about a third more compute.
 """
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import PaliGemmaConfig, TextConfig
 from .gemma import Gemma, KVCache
@@ -144,6 +151,41 @@ def prefix_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask_loss: tor
     raise ValueError(f"reduction must be 'example', 'token' or 'none', got {reduction!r}")
 
 
+def supervised_loss(llm: Gemma, states: torch.Tensor, input_ids: torch.Tensor, mask_loss: torch.Tensor,
+                    reduction: str = "example", label_smoothing: float = 0.0, chunk: int = 256) -> torch.Tensor:
+    """prefix_lm_loss(llm.logits(states), input_ids, mask_loss, ...), with logits computed at the
+    supervised positions only.
+
+    states [B, T, D]: the decoder's final states at the text tokens (PaliGemma.text_states);
+    mask_loss [B, T] holds 1 for a supervised token, 0 otherwise. prefix_lm_loss reads logits at
+    every position, although only those whose next token carries loss count: for PaliGemma 2
+    (V = 257152) at batch 8 and 128 text tokens that is 1 GiB of float32 logits, and as much
+    again for their log-softmax and their gradient. Here the readout (tied embedding, final
+    soft-cap) reads the N supervised positions only, `chunk` of them at a time, and each chunk
+    is recomputed in the backward pass (torch.utils.checkpoint) instead of kept: the largest
+    tensors of the loss are [chunk, V]. Value and gradients are prefix_lm_loss's, up to float32
+    rounding (the sums run in another order).
+    """
+    rows, cols = mask_loss[:, 1:].nonzero(as_tuple=True)  # [N] each: position cols predicts token cols + 1
+    picked, targets = states[rows, cols], input_ids[rows, cols + 1]  # [N, D], [N]
+    # At least one chunk, possibly empty, so that a batch without a supervised token still has a graph.
+    token_loss = torch.cat([checkpoint(_token_losses, llm, picked[i:i + chunk], targets[i:i + chunk], label_smoothing,
+                                       use_reentrant=False) for i in range(0, max(len(targets), 1), chunk)])  # [N]
+    if reduction == "token":
+        return token_loss.sum() / max(len(targets), 1)
+    if reduction not in ("example", "none"):
+        raise ValueError(f"reduction must be 'example', 'token' or 'none', got {reduction!r}")
+    sums = torch.zeros(states.shape[0], device=states.device).index_add(0, rows, token_loss)  # [B]
+    per_example = sums / mask_loss[:, 1:].sum(1).clamp(min=1)  # [B]
+    return per_example.mean() if reduction == "example" else per_example
+
+
+def _token_losses(llm: Gemma, states: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy of the logits of states [n, D] against targets [n] -> [n], in float32."""
+    logits = llm.logits(states).float()  # [n, V]
+    return F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)  # [n]
+
+
 class PaliGemma(nn.Module):
     """Image encoder + linear projector + Gemma decoder."""
 
@@ -168,7 +210,8 @@ class PaliGemma(nn.Module):
         return tokens.reshape(b, f * tokens.shape[1], tokens.shape[2])  # [B, F * P, D]
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, mask_ar: torch.Tensor,
-                mask_input: torch.Tensor | None = None, cache: PaliGemmaCache | None = None) -> torch.Tensor:
+                mask_input: torch.Tensor | None = None, cache: PaliGemmaCache | None = None,
+                mask_loss: torch.Tensor | None = None) -> torch.Tensor:
         """Text logits [B, T, V] for images and text ids [B, T] laid out as in the docstring above.
 
         mask_ar [B, T]: 0 = part of the bidirectional prefix block, 1 = a causal step.
@@ -176,8 +219,14 @@ class PaliGemma(nn.Module):
         With a PaliGemmaCache the tokens continue the sequence the cache already holds, and are
         stored in it: the first call (prefill) passes the images, later calls (extend) pass
         None and only the new text tokens.
+        With mask_loss [B, T] (training), no logits [B, T, V]: the loss of each example [B],
+        from logits at the supervised positions only (`supervised_loss`). Training calls the
+        model so, that a wrapper around it (DDP, FSDP) sees the whole step in its forward.
         """
-        return self.llm.logits(self.text_states(pixel_values, input_ids, mask_ar, mask_input, cache))
+        states = self.text_states(pixel_values, input_ids, mask_ar, mask_input, cache)  # [B, T, D]
+        if mask_loss is not None:
+            return supervised_loss(self.llm, states, input_ids, mask_loss, reduction="none")  # [B]
+        return self.llm.logits(states)  # [B, T, V]
 
     def text_states(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, mask_ar: torch.Tensor,
                     mask_input: torch.Tensor | None = None, cache: PaliGemmaCache | None = None) -> torch.Tensor:
@@ -214,3 +263,13 @@ class PaliGemma(nn.Module):
             mask, positions, k_positions, steps, k_steps, window)
         hidden = self.llm(x, positions, mask, local_mask, None if cache is None else cache.kv)  # [B, F * P + T, D]
         return hidden[:, num_image:]  # [B, T, D]
+
+
+def checkpoint_blocks(model: PaliGemma) -> PaliGemma:
+    """Activation checkpointing: make every block of both towers keep only its input and
+    recompute the rest in the backward pass (non-reentrant torch.utils.checkpoint, which also
+    replays the random state, so dropout draws the same masks); return the model. Parameter
+    names and results are unchanged; a training step costs about one more forward pass."""
+    for block in [*model.vision.blocks, *model.llm.layers]:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    return model

@@ -22,22 +22,25 @@ on a GPU, the CUDA context of about 0.5 GB are not counted.)
 
 What is planned is the stage 3 transfer step of train.py: the final logit soft-cap off; a batch of
 images with `text_len` text tokens (a quarter prompt, the rest answer, no padding); the loss on
-the answer; global-norm clipping; then AdamW (no weight decay) or SGD. `dtype` is the dtype the
-model is stored and run in; LoRA's adapters, their gradients and their AdamW moments are float32
-(lora.py). The optimizer step's temporaries follow PyTorch's choice per device: on a GPU the
-multi-tensor (foreach) update computes sqrt(second moment) for every trainable tensor at once;
-on a CPU one tensor at a time.
+the answer, read out at the supervised positions only (paligemma.supervised_loss); global-norm
+clipping; then AdamW (no weight decay) or SGD. `dtype` is the dtype the model is stored and run
+in; LoRA's adapters, their gradients and their AdamW moments are float32 (lora.py). The
+optimizer step's temporaries follow PyTorch's choice per device: on a GPU the multi-tensor
+(foreach) update computes sqrt(second moment) for every trainable tensor at once; on a CPU one
+tensor at a time.
 
-Two options change the step:
+The batch is made of real tensors, not fake ones: the loss must know where the supervised tokens
+are, which is data. Operations on real tensors alone (the masks, the positions, the images'
+conversion) run for real (`RealWhereReal`); they are small beside the step.
+
+Three options change the step:
 - `checkpoint_activations` runs each block of both towers under torch.utils.checkpoint
-  (`checkpoint_blocks`): a block keeps only its input and recomputes the rest in the backward
-  pass, about a third more compute for much less memory. Traced like the rest.
-- `qlora`, modelled rather than traced until quantized layers exist: the frozen linear layers
-  of both towers' blocks are stored in 4 bits with one bfloat16 scale per group of 64 weights
-  (4.25 bits per weight), and each layer dequantizes its weight for its own matrix products,
-  forward and backward, without keeping it (keeping it would hold the whole base in `dtype`
-  again). The plan is LoRA's on the `dtype` base, with those weights' bytes replaced and the
-  largest dequantized weight added to the activations as a transient.
+  (paligemma.checkpoint_blocks): a block keeps only its input and recomputes the rest in the
+  backward pass, about a third more compute for much less memory.
+- `qlora`: the linear layers of both towers' blocks are quantized to NF4 in groups of 64
+  (lora.quantize_base; 4 bits and a `dtype` scale per 64 weights), the adapters on top.
+- `colab`: the colab recipe's trainable set, the decoder's attention weights (with SGD).
+All are traced like the rest.
 
 tests/test_plan.py holds the plan to the peak resident memory of real steps on a CPU.
 """
@@ -48,33 +51,24 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.checkpoint import checkpoint
 
 from .config import PRESETS, PaliGemmaConfig, get_config
 from .files import BadInput
-from .lora import DEFAULT_TARGETS, add_lora
-from .paligemma import PaliGemma, prefix_lm_loss
+from .lora import DEFAULT_TARGETS, add_lora, quantize_base
+from .paligemma import PaliGemma, checkpoint_blocks
+from .quantize import QuantizedLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OPTIMIZERS = ("adamw", "sgd")
-QLORA_BITS = 4 + 16 / 64  # a 4-bit weight and its share of one bfloat16 scale per 64 weights
-
-
-def checkpoint_blocks(model: PaliGemma) -> PaliGemma:
-    """Make every block of both towers recompute its activations in the backward pass instead of
-    keeping them (non-reentrant torch.utils.checkpoint); return the model. Parameter names and
-    the forward's result are unchanged."""
-    for block in [*model.vision.blocks, *model.llm.layers]:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-    return model
 
 
 def example_batch(cfg: PaliGemmaConfig, batch: int, text_len: int) -> dict[str, torch.Tensor]:
     """Random model inputs [B, ...] of the planned shape: images, and text_len tokens of which
-    the first quarter is the prompt (mask_ar 0) and the rest the answer (mask_ar 1, supervised)."""
+    the first quarter is the prompt (mask_ar 0) and the rest the answer (mask_ar 1, supervised).
+    Real tensors, built outside the fake mode."""
     size, prompt = cfg.vision.image_size, text_len // 4
     answer = torch.arange(text_len).expand(batch, text_len) >= prompt  # [B, T]
     return {"pixel_values": torch.randn(batch, 3, size, size),
@@ -85,9 +79,21 @@ def example_batch(cfg: PaliGemmaConfig, batch: int, text_len: int) -> dict[str, 
 
 def step_loss(model: PaliGemma, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The trainer's loss of one batch (train.paligemma_step_loss without autocast and without
-    its token count, which reads the data)."""
-    logits = model(batch["pixel_values"], batch["input_ids"], batch["mask_ar"], batch["mask_input"])  # [B, T, V]
-    return prefix_lm_loss(logits.float(), batch["input_ids"], batch["mask_loss"])
+    its token count)."""
+    return model(batch["pixel_values"], batch["input_ids"], batch["mask_ar"], batch["mask_input"],
+                 mask_loss=batch["mask_loss"]).mean()
+
+
+class RealWhereReal(TorchDispatchMode):
+    """Above a FakeTensorMode: an op whose tensor inputs are all real (the batch's token ids and
+    masks) runs for real; every other op, factories included, goes on to the fake mode."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
+            with unset_fake_temporarily():
+                return func(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 class LiveBytes(TorchDispatchMode):
@@ -168,17 +174,26 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _fake_model(cfg: PaliGemmaConfig, dtype: torch.dtype, lora: int | None, targets, fake: FakeTensorMode) -> PaliGemma:
-    """The model with fake parameters on the CPU: built on the meta device (shapes only), then
-    every parameter replaced by a fake one of the same shape, dtype and requires_grad."""
+def _fake_model(cfg: PaliGemmaConfig, dtype: torch.dtype, lora: int | None, qlora: bool, colab: bool, targets,
+                fake: FakeTensorMode) -> PaliGemma:
+    """The model with fake parameters and buffers on the CPU: built on the meta device (shapes
+    only), then every tensor replaced by a fake one of the same shape, dtype and requires_grad."""
     with torch.device("meta"):
         model = PaliGemma(cfg).to(dtype)
+        if qlora:
+            quantize_base(model)
         if lora is not None:
             add_lora(model, lora, lora, targets)  # alpha changes no byte
+        if colab:  # as train.Transfer("colab"): the decoder's attention weights alone train
+            model.requires_grad_(False)
+            for layer in model.llm.layers:
+                layer.attn.requires_grad_(True)
     with fake:
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
                 setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad))
+            for name, b in list(module.named_buffers(recurse=False)):
+                setattr(module, name, torch.empty(b.shape, dtype=b.dtype))
     return model
 
 
@@ -196,46 +211,45 @@ def optimizer_temporaries(trainable: list[torch.Tensor], optimizer: str, device:
 
 def plan(config: str | PaliGemmaConfig, batch: int, text_len: int, lora: int | None = None, qlora: bool = False,
          checkpoint_activations: bool = False, optimizer: str = "adamw", dtype: str = "bfloat16",
-         lora_targets=DEFAULT_TARGETS, device: str = "cuda") -> MemoryPlan:
+         lora_targets=DEFAULT_TARGETS, device: str = "cuda", colab: bool = False) -> MemoryPlan:
     """Plan the memory of one training step of `config` (a preset name or a config): full
-    fine-tuning, or LoRA of rank `lora` on `lora_targets`, on a `dtype` or (qlora) 4-bit base.
-    `device` ("cuda" or "cpu") picks the optimizer's update path, as PyTorch does."""
+    fine-tuning, LoRA of rank `lora` on `lora_targets` on a `dtype` or (qlora) 4-bit base, or
+    (colab) the decoder's attention weights alone. `device` ("cuda" or "cpu") picks the
+    optimizer's update path, as PyTorch does."""
     if optimizer not in OPTIMIZERS or dtype not in DTYPES or device not in ("cuda", "cpu"):
         raise BadInput(f"optimizer must be one of {OPTIMIZERS}, dtype one of {list(DTYPES)}, device cuda or cpu; "
                          f"got {optimizer!r}, {dtype!r}, {device!r}")
     if qlora and lora is None:
         raise BadInput("QLoRA trains LoRA adapters on the quantized base: give a LoRA rank")
+    if colab and lora is not None:
+        raise BadInput("the colab recipe trains attention weights, LoRA adapters: choose one")
     if isinstance(config, str) and config not in PRESETS:
         raise BadInput(f"unknown preset {config!r}; known presets: {', '.join(PRESETS)}")
     cfg = get_config(config) if isinstance(config, str) else config
     cfg = replace(cfg, text=replace(cfg.text, final_softcap=None))  # as stage 3 transfers
-    fake = FakeTensorMode()
-    model = _fake_model(cfg, DTYPES[dtype], lora, lora_targets, fake)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    model = _fake_model(cfg, DTYPES[dtype], lora, qlora, colab, lora_targets, fake)
     if checkpoint_activations:
         checkpoint_blocks(model)
-    params = list(model.parameters())
+    params, buffers = list(model.parameters()), list(model.buffers())  # buffers: QLoRA's codes and scales
     trainable = [p for p in params if p.requires_grad]
-    live = LiveBytes(known=params)
-    with fake, live:
-        step_loss(model, example_batch(cfg, batch, text_len)).backward()
+    batch_inputs = example_batch(cfg, batch, text_len)
+    live = LiveBytes(known=params + buffers)
+    with fake, RealWhereReal(), live:
+        step_loss(model, batch_inputs).backward()
         gradients = {live.storage_id(p.grad) for p in trainable}
 
-    parameters, grads = _nbytes(params), _nbytes(trainable)
+    parameters, grads = _nbytes(params + buffers), _nbytes(trainable)
     states = 2 * grads if optimizer == "adamw" else 0
     backward_peak, activations = live.peaks(excluded=gradients)  # with and without the gradients
-    if qlora:
-        frozen = [m.weight for blocks in (model.vision.blocks, model.llm.layers)
-                  for m in blocks.modules() if isinstance(m, nn.Linear)]  # all frozen under LoRA
-        parameters += round(sum(w.numel() for w in frozen) * QLORA_BITS / 8) - _nbytes(frozen)
-        dequantized = max(_nbytes([w]) for w in frozen)
-        backward_peak, activations = backward_peak + dequantized, activations + dequantized
     update_peak = grads + optimizer_temporaries(trainable, optimizer, device)
     peak = parameters + states + max(backward_peak, update_peak)
 
     name = config if isinstance(config, str) else "config"
-    method = ("full fine-tuning" if lora is None
+    method = ("the colab recipe (decoder attention)" if colab else "full fine-tuning" if lora is None
               else f"{'QLoRA' if qlora else 'LoRA'} rank {lora} on {','.join(lora_targets)}")
     setting = (f"{name}, batch {batch}, text length {text_len}: {method}, {optimizer}, {dtype}"
                f"{', activation checkpointing' if checkpoint_activations else ''}, {device} optimizer path")
-    return MemoryPlan(setting, sum(p.numel() for p in params), sum(p.numel() for p in trainable),
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    return MemoryPlan(setting, sum(p.numel() for p in params) + quantized, sum(p.numel() for p in trainable),
                       parameters, grads, states, activations, peak)

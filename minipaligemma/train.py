@@ -47,8 +47,9 @@ from .files import BadInput, atomic_write
 from .image import preprocess
 from .jsonl import JsonlDataset
 from .loop import ParamGroup, StepLoss, fit, read_log
-from .lora import DEFAULT_TARGETS, add_lora, describe_trainable, merge_lora, parse_target, save_lora
-from .paligemma import PaliGemma, prefix_lm_loss
+from .lora import (DEFAULT_TARGETS, add_lora, dequantize_base, describe_trainable, merge_lora, parse_target,
+                   quantize_base, save_lora)
+from .paligemma import PaliGemma, checkpoint_blocks
 from .plots import save_figure, stage_figure, stages_figure
 from .pretrain import CausalLM, SigLIP, TextEncoder
 from .scenes import SMALL_WORLD, TINY_WORLD, WorldConfig
@@ -111,12 +112,13 @@ RECIPES = {
 
 
 COLAB_LR = 0.03  # big_vision's fine-tuning colab: SGD at 0.03 on the decoder's attention weights
-TRANSFER_METHODS = ("full", "lora", "colab")
+TRANSFER_METHODS = ("full", "lora", "qlora", "colab")
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """How stage 3 fine-tunes (docs/training.md §4).
+    """How stage 3 fine-tunes (docs/training.md §4, §7).
 
     "full"   every weight (all but the image encoder with freeze_vision); AdamW at the recipe's
              transfer_lr, cosine schedule with 5 % warm-up. The most capable, and the most memory:
@@ -125,21 +127,59 @@ class Transfer:
              (lora.py); AdamW at lora_lr. Gradients and optimizer state exist for the adapters
              only, so it fits where full fine-tuning does not. The exported model holds the
              merged weights; adapter.safetensors beside it the adapters alone.
+    "qlora"  "lora" on a base whose blocks' linear layers are stored in 4 bits (NF4 in groups of
+             64, lora.quantize_base): about a quarter of a bfloat16 base's memory. The exported
+             model holds the dequantized weights with the adapters merged.
     "colab"  big_vision's fine-tuning colab, made for a 16 GB T4: only the decoder's attention
              weights train, plain SGD (no optimizer state at all) at 0.03, cosine schedule with
              10 % warm-up. No new parameters, but every attention weight gets a gradient.
+
+    base_dtype ("lora" and "qlora" only): the frozen base's dtype, "float32" or "bfloat16"; None
+    means bfloat16 on a GPU, float32 on a CPU (whose bfloat16 matrix products are slow). The
+    adapters are float32 whatever it is. checkpoint_activations: every block recomputes its
+    activations in the backward pass (paligemma.checkpoint_blocks), any method.
     """
 
     method: str = "full"
     freeze_vision: bool = False
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    base_dtype: str | None = None
+    checkpoint_activations: bool = False
 
     def __post_init__(self):
         if self.method not in TRANSFER_METHODS:
             raise ValueError(f"transfer method must be one of {TRANSFER_METHODS}, got {self.method!r}")
         for target in self.lora_targets:  # a misspelt target fails here, before any training
             parse_target(target)
+        if self.base_dtype is not None and (self.method not in ("lora", "qlora") or self.base_dtype not in BASE_DTYPES):
+            raise ValueError(f"base_dtype is the frozen base's dtype under lora or qlora, one of {list(BASE_DTYPES)}; "
+                             f"got {self.base_dtype!r} with {self.method!r}")
+
+    @property
+    def optimizer(self) -> str:
+        """loop.fit's optimizer for this method: plain SGD for the colab recipe, else AdamW."""
+        return "sgd" if self.method == "colab" else "adamw"
+
+    def prepare(self, model: PaliGemma, device: torch.device) -> PaliGemma:
+        """Make `model` (float32, on `device`) ready to fine-tune this way, in place: what is
+        frozen, the base's dtype and quantization, the adapters, the checkpointing. Only the
+        parameters that require gradients are handed to the optimizer."""
+        if self.freeze_vision:
+            model.vision.requires_grad_(False)
+        if self.method in ("lora", "qlora"):
+            base_dtype = self.base_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+            model.to(BASE_DTYPES[base_dtype])
+            if self.method == "qlora":
+                quantize_base(model)
+            add_lora(model, self.lora_rank, self.lora_rank, self.lora_targets)  # float32 adapters
+        if self.method == "colab":
+            model.requires_grad_(False)
+            for layer in model.llm.layers:
+                layer.attn.requires_grad_(True)
+        if self.checkpoint_activations:
+            checkpoint_blocks(model)
+        return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +214,8 @@ def paligemma_step_loss(model: nn.Module, batch: dict[str, torch.Tensor], image_
     """The suffix loss of one batch (per example, then mean), how many tokens it read, and,
     given each example's task, the mean loss of each task (for the step log)."""
     with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(batch["pixel_values"], batch["input_ids"], batch["mask_ar"], batch["mask_input"])
-    per_example = prefix_lm_loss(logits.float(), batch["input_ids"], batch["mask_loss"], reduction="none")  # [B]
+        per_example = model(batch["pixel_values"], batch["input_ids"], batch["mask_ar"], batch["mask_input"],
+                            mask_loss=batch["mask_loss"])  # [B], from logits at the supervised positions only
     task_losses = None
     if tasks is not None:
         values = per_example.detach().tolist()
@@ -378,18 +418,12 @@ class Trainer:
         model = PaliGemma(cfg).to(self.device)
         model.load_state_dict(base.state_dict())
         size = cfg.vision.image_size
-        if transfer.freeze_vision:
-            model.vision.requires_grad_(False)
-        lr, schedule, optimizer = r.transfer_lr, partial(cosine_schedule, total=r.stage3_steps), "adamw"
-        if transfer.method == "lora":  # before fit, which may resume the adapters from a checkpoint
-            add_lora(model, transfer.lora_rank, transfer.lora_rank, transfer.lora_targets)
+        transfer.prepare(model, self.device)  # before fit, which may resume the adapters from a checkpoint
+        lr, schedule = r.transfer_lr, partial(cosine_schedule, total=r.stage3_steps)
+        if transfer.method in ("lora", "qlora"):
             lr = r.lora_lr
         if transfer.method == "colab":
-            model.requires_grad_(False)
-            for layer in model.llm.layers:
-                layer.attn.requires_grad_(True)
-            lr, optimizer = COLAB_LR, "sgd"
-            schedule = partial(cosine_schedule, total=r.stage3_steps, warmup_fraction=0.1)
+            lr, schedule = COLAB_LR, partial(cosine_schedule, total=r.stage3_steps, warmup_fraction=0.1)
         self.log(f"stage 3: {transfer.method} fine-tuning, {describe_trainable(model)}")
         groups = [ParamGroup("all", [p for p in model.parameters() if p.requires_grad], lr, schedule)]
         if data is not None:
@@ -400,11 +434,11 @@ class Trainer:
             next_batch = partial(jsonl_examples, dataset, r.batch_size, seed=self.seed)
         else:
             next_batch = partial(world_examples, self.world, size, {task: 1.0}, r.batch_size, 10**6)
-        self.paligemma_fit(model.train(), 3, r.stage3_steps, groups, next_batch, size, optimizer)
-        if transfer.method == "lora":
+        self.paligemma_fit(model.train(), 3, r.stage3_steps, groups, next_batch, size, transfer.optimizer)
+        if transfer.method in ("lora", "qlora"):
             if self.rank == 0:
                 save_lora(model, self.stage_dir(3) / "adapter.safetensors")
-            merge_lora(model)
+            merge_lora(dequantize_base(model.float()))  # a plain float32 model, whatever the base was
         self.finish_stage(3, model, self.stage_dir(3) / "checkpoint.jsonl", evaluate_at=None if data is not None else size)
 
 

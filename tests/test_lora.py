@@ -1,22 +1,32 @@
-"""LoRA adapters (minipaligemma/lora.py): identity at init, merging, saving, strict loading,
-what trains, dropout.
+"""Fine-tuning in little memory: LoRA adapters (minipaligemma/lora.py: identity at init, merging,
+saving, strict loading, what trains, dropout), the loss read out at the supervised positions
+only, activation checkpointing, QLoRA on a 4-bit base, and the trainer's transfer options.
 
 Every "nothing changes" check is paired with one showing that the same comparison does see a
 change (a non-zero B moves the logits), so that no check passes vacuously.
 """
 
+import json
 import math
 from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from PIL import Image
+from torch import nn
 
-from minipaligemma import PaliGemma, get_config
+from minipaligemma import PaliGemma, get_config, prefix_lm_loss
+from minipaligemma.__main__ import main
+from minipaligemma.checkpoint import load, to_hf_state_dict, write_hf_folder
 from minipaligemma.files import BadInput
-from minipaligemma.lora import (DEFAULT_TARGETS, LoRALinear, add_lora, describe_trainable, load_lora, lora_layers,
-                                merge_lora, save_lora, trainable_parameters)
+from minipaligemma.lora import (DEFAULT_TARGETS, LoRALinear, add_lora, dequantize_base, describe_trainable, load_lora,
+                                lora_layers, merge_lora, quantize_base, save_lora, trainable_parameters)
+from minipaligemma.paligemma import checkpoint_blocks, supervised_loss
+from minipaligemma.quantize import QuantizedLinear
+from minipaligemma.tokenizer import train_tokenizer
+from minipaligemma.train import RECIPES, Transfer, run
 
 ALL = ("llm.attn", "llm.mlp", "vision.attn", "vision.mlp")  # every linear layer of both towers' blocks
 
@@ -224,3 +234,223 @@ def test_dropout_only_in_training_mode():
     assert not torch.equal(logits(model, x), logits(model, x))  # a new dropout mask each call
     model.eval()
     assert torch.equal(logits(model, x), logits(plain.eval(), x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss read out at the supervised positions only.
+
+def loss_batch(cfg, batch: int = 3, text_len: int = 9):
+    """`inputs` and its mask_loss: the answer (from position 3) is supervised, the second row's
+    padding is not, and the third row has no supervised token at all."""
+    x = inputs(cfg, batch, text_len)
+    mask_loss = x["mask_ar"] * x["mask_input"]
+    mask_loss[2] = 0
+    return x, mask_loss
+
+
+def close(ours: torch.Tensor, reference: torch.Tensor, tol: float) -> bool:
+    """Equal up to `tol` of the reference's largest magnitude, plus 1e-9: the image encoder's key
+    biases get gradients that are zero up to rounding (softmax ignores a shift of every key)."""
+    return bool((ours - reference).abs().max() <= tol * reference.abs().max() + 1e-9)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma1"])  # with and without the final soft-cap
+def test_loss_at_supervised_positions_equals_the_full_logits_loss(preset):
+    cfg = get_config(preset)
+    model = PaliGemma(cfg)
+    x, mask_loss = loss_batch(cfg)
+    supervised = int(mask_loss[:, 1:].sum())
+    full_readout, rows_read = model.llm.logits, []
+
+    def counting_readout(hidden):
+        rows_read.append(hidden.shape[0])
+        return full_readout(hidden)
+
+    with torch.no_grad():
+        states = model.text_states(**x)  # [B, T, D]
+        model.llm.logits = counting_readout
+        for reduction, smoothing in (("example", 0.0), ("token", 0.1), ("none", 0.0)):
+            reference = prefix_lm_loss(full_readout(states), x["input_ids"], mask_loss, reduction, smoothing)
+            rows_read.clear()
+            ours = supervised_loss(model.llm, states, x["input_ids"], mask_loss, reduction, smoothing, chunk=4)
+            assert close(ours, reference, 1e-6), (ours, reference)
+            assert sum(rows_read) == supervised and max(rows_read) <= 4  # the supervised rows, 4 at a time
+        del model.llm.logits
+
+    def gradients(loss_fn) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    reference = gradients(lambda: prefix_lm_loss(model(**x), x["input_ids"], mask_loss))
+    ours = gradients(lambda: model(**x, mask_loss=mask_loss).mean())  # the trainer's call
+    assert ours.keys() == reference.keys() == dict(model.named_parameters()).keys()
+    assert all(close(ours[name], reference[name], 1e-6) for name in reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation checkpointing.
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Every weight trains and the adapters drop out, so the recomputation must replay the
+    random state; a forward hook sees each block run twice (forward, then recomputed)."""
+    cfg = get_config("tiny")
+    plain, checkpointed = base_and_copy(cfg)
+    for model in (plain, checkpointed):
+        add_lora(model, rank=4, alpha=4, targets=ALL, dropout=0.3).requires_grad_(True).train()
+    randomise(plain)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpoint_blocks(checkpointed)
+    x, mask_loss = loss_batch(cfg)
+    calls = {"plain": 0, "checkpointed": 0}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        model.llm.layers[1].mlp.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    results = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        loss = model(**x, mask_loss=mask_loss).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert close(loss_ckpt, loss, 1e-6)
+    assert all(close(grads_ckpt[n], grads[n], 1e-6) for n in grads)
+    assert calls == {"plain": 1, "checkpointed": 2}
+    torch.manual_seed(2)  # the same comparison sees other dropout masks
+    assert not close(checkpointed(**x, mask_loss=mask_loss).mean().detach(), loss, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA: LoRA on a 4-bit base.
+
+def copy_adapters(source, target) -> None:
+    with torch.no_grad():
+        for name, layer in lora_layers(source).items():
+            target.get_submodule(name).lora_a.copy_(layer.lora_a)
+            target.get_submodule(name).lora_b.copy_(layer.lora_b)
+
+
+@pytest.mark.parametrize("scheme,group_size", [("nf4", 64), ("int4", 48)])  # 48: rows padded to whole groups
+def test_qlora_equals_lora_on_the_dequantized_base(scheme, group_size):
+    cfg = get_config("tiny")
+    qlora, dequantized = base_and_copy(cfg)
+    original = PaliGemma(cfg)
+    original.load_state_dict(qlora.state_dict())
+    quantize_base(qlora, scheme, group_size)
+    quantized = {name: m for name, m in qlora.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(quantized) == cfg.text.depth * 7 + cfg.vision.depth * 6  # the blocks' layers, not the projector
+    with torch.no_grad():
+        for name, layer in quantized.items():
+            dequantized.get_submodule(name).weight.copy_(layer.dequantize())
+    for model in (qlora, dequantized, original):
+        add_lora(model, rank=4, alpha=8, targets=ALL).train()
+    randomise(qlora)
+    copy_adapters(qlora, dequantized)
+    copy_adapters(qlora, original)
+    x, mask_loss = loss_batch(cfg)
+
+    def step(model):
+        loss = model(**x, mask_loss=mask_loss).mean()
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    (loss, grads), (reference_loss, reference_grads) = step(qlora), step(dequantized)
+    assert grads.keys() == reference_grads.keys() == trainable_parameters(qlora).keys()
+    assert close(loss, reference_loss, 1e-5)
+    assert all(close(grads[n], reference_grads[n], 1e-5) for n in grads)
+    assert not close(step(original)[0], reference_loss, 1e-4)  # the 4 bits do change the function
+
+    quantized = [name for name, m in qlora.named_modules() if isinstance(m, QuantizedLinear)]  # adapters' bases
+    before = {k: v.clone() for k, v in qlora.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in qlora.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    optimizer.step()
+    after = qlora.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {f"{name}.lora_{ab}" for name in lora_layers(qlora) for ab in "ab"}
+    assert all(torch.equal(before[f"{n}.{b}"], after[f"{n}.{b}"]) for n in quantized for b in ("codes", "scale"))
+
+
+def test_qlora_keeps_no_dequantized_weight_for_the_backward_pass():
+    """Plain autograd keeps the dequantized W [out, in] of a quantized layer until the backward
+    pass; the adapter's frozen path keeps none of it, and gives the same gradient."""
+    base = QuantizedLinear.from_linear(nn.Linear(96, 160), "nf4", 32)
+    layer = LoRALinear(base, rank=2, alpha=2)
+    x = torch.randn(3, 96, requires_grad=True)
+
+    def saved_shapes_and_grad(forward):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            forward().square().sum().backward()
+        grad, x.grad = x.grad, None
+        return shapes, grad
+
+    plain_shapes, plain_grad = saved_shapes_and_grad(lambda: base(x))
+    shapes, grad = saved_shapes_and_grad(lambda: layer(x))  # B = 0: the same function
+    assert (96, 160) in plain_shapes  # W^T
+    assert (160, 96) not in shapes and (96, 160) not in shapes
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_qlora_adapters_load_onto_a_quantized_base_and_merge_into_float_layers(tmp_path):
+    cfg = get_config("tiny")
+    model, fresh = base_and_copy(cfg)
+    quantize_base(model)
+    quantize_base(fresh)  # quantization is deterministic: the same codes
+    add_lora(model, rank=4, alpha=8, targets=("llm.attn", "llm.mlp", "vision.attn"))  # not the image encoder's MLP
+    randomise(model)
+    x = inputs(cfg)
+    adapted = logits(model.eval(), x)
+    save_lora(model, tmp_path / "adapter.safetensors")
+    load_lora(fresh, tmp_path / "adapter.safetensors")
+    assert torch.equal(logits(fresh.eval(), x), adapted)
+    merge_lora(model)
+    assert not lora_layers(model) and isinstance(model.vision.blocks[0].mlp.fc1, QuantizedLinear)
+    dequantize_base(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert model.vision.blocks[0].attn.q_proj.bias is not None and model.vision.blocks[0].mlp.fc1.bias is not None
+    assert close(logits(model, x), adapted, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's transfer options.
+
+def test_qlora_transfer_keeps_a_bfloat16_4bit_base_and_optimizes_the_adapters_only(tmp_path):
+    """train --stages 3 --init ... --data ... --lora 4 --qlora --base-dtype bfloat16
+    --checkpoint-activations, two steps: what the checkpoint holds, and the exported model."""
+    colours = ["red", "green", "blue", "yellow"]
+    tokenizer = train_tokenizer([f"answer en what colour is it? {c}" for c in colours] * 50, 300,
+                                tmp_path / "tokenizer.model")
+    cfg = get_config("tiny")
+    cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
+    write_hf_folder(to_hf_state_dict(PaliGemma(cfg)), cfg, tmp_path / "init")
+    tokenizer.save(tmp_path / "init" / "tokenizer.model")
+    rows = []
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "prefix": "answer en what colour is it?", "suffix": colour}))
+    (tmp_path / "train.jsonl").write_text("\n".join(rows))
+    recipe = replace(RECIPES["tiny"], batch_size=4, stage3_steps=2)
+    transfer = Transfer("qlora", lora_rank=4, base_dtype="bfloat16", checkpoint_activations=True)
+    run(recipe, tmp_path / "out", stages=(3,), init=tmp_path / "init", data=tmp_path / "train.jsonl",
+        transfer=transfer)
+
+    saved = load_file(tmp_path / "out" / "stage3" / "checkpoint.safetensors")
+    adapters = {f"{name}.lora_{ab}" for name in target_names(cfg) for ab in "ab"}
+    optimized = {key.removeprefix("optimizer/").rsplit("/", 1)[0] for key in saved if key.startswith("optimizer/")}
+    assert optimized == adapters
+    assert all(saved[f"model/{name}"].dtype == torch.float32 for name in adapters)
+    assert saved["model/llm.layers.0.mlp.up_proj.base.codes"].dtype == torch.uint8
+    assert saved["model/vision.blocks.0.attn.q_proj.codes"].dtype == torch.uint8  # quantized, no adapter
+    for key in ("llm.layers.0.mlp.up_proj.base.scale", "llm.embed.weight", "llm.final_norm.weight", "projector.weight"):
+        assert saved[f"model/{key}"].dtype == torch.bfloat16, key
+    exported = load(tmp_path / "out" / "stage3" / "model")
+    assert exported.llm.layers[0].mlp.up_proj.weight.dtype == torch.float32  # merged in float32
+
+    with pytest.raises(ValueError, match="base_dtype"):
+        Transfer("full", base_dtype="bfloat16")
+    assert main(["train", "--out", str(tmp_path / "cli"), "--stages", "3", "--qlora"]) == 2  # needs --lora
+
+
+def target_names(cfg) -> list[str]:
+    """The decoder's linear layers, every block: what DEFAULT_TARGETS adapt."""
+    roles = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    return [f"llm.layers.{i}.{role}" for i in range(cfg.text.depth) for role in roles]

@@ -37,8 +37,9 @@ import ctypes, gc, json, re, sys
 from dataclasses import replace
 import torch
 from minipaligemma import PaliGemma, PaliGemmaConfig, TextConfig, VisionConfig
-from minipaligemma.lora import add_lora
-from minipaligemma.plan import checkpoint_blocks, example_batch, step_loss
+from minipaligemma.lora import add_lora, quantize_base
+from minipaligemma.paligemma import checkpoint_blocks
+from minipaligemma.plan import example_batch, step_loss
 
 def resident(field):
     with open("/proc/self/status") as f:
@@ -48,8 +49,10 @@ def release():
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)
 
-def measure(cfg, batch, text_len, lora, checkpoint):
+def measure(cfg, batch, text_len, lora, checkpoint, qlora):
     model = PaliGemma(cfg).train()
+    if qlora:
+        quantize_base(model)
     if lora:
         add_lora(model, lora, lora, ("llm.attn", "llm.mlp"))
     if checkpoint:
@@ -76,12 +79,13 @@ spec = json.loads(sys.argv[1])
 cfg = PaliGemmaConfig(vision=VisionConfig(**spec["vision"]), text=TextConfig(**spec["text"]))
 cfg = replace(cfg, text=replace(cfg.text, final_softcap=None))
 results = []
-for lora, checkpoint in spec["settings"]:
-    results.append(measure(cfg, spec["batch"], spec["text_len"], lora, checkpoint))
+for lora, checkpoint, qlora in spec["settings"]:
+    results.append(measure(cfg, spec["batch"], spec["text_len"], lora, checkpoint, qlora))
     release()
 print(json.dumps(results))
 """
-SETTINGS = [(None, False), (8, False), (8, True)]  # full fine-tuning; LoRA; LoRA with checkpointing
+# (LoRA rank, checkpointing, QLoRA): full fine-tuning; LoRA; LoRA with checkpointing; QLoRA
+SETTINGS = [(None, False, False), (8, False, False), (8, True, False), (8, False, True)]
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +101,14 @@ def measured() -> dict[tuple, int]:
     return dict(zip(SETTINGS, json.loads(out.stdout.splitlines()[-1])))
 
 
-@pytest.mark.parametrize("lora,checkpoint", SETTINGS)
-def test_planned_step_matches_measured_peak_memory(measured, lora, checkpoint):
+@pytest.mark.parametrize("lora,checkpoint,qlora", SETTINGS)
+def test_planned_step_matches_measured_peak_memory(measured, lora, checkpoint, qlora):
     """What the step adds above the weights and optimizer state, planned and measured, within 15 %."""
-    p = plan(SMALL, BATCH, TEXT_LEN, lora=lora, checkpoint_activations=checkpoint, dtype="float32", device="cpu")
+    p = plan(SMALL, BATCH, TEXT_LEN, lora=lora, qlora=qlora, checkpoint_activations=checkpoint, dtype="float32",
+             device="cpu")
     planned = p.peak - p.parameters - p.optimizer_state
-    measured_bytes = measured[(lora, checkpoint)]
+    measured_bytes = measured[(lora, checkpoint, qlora)]
+    print(f"planned {planned / 2**20:.1f} MiB, measured {measured_bytes / 2**20:.1f} MiB")
     assert measured_bytes > 50 * 2**20  # far above the resident set's noise of a few MB
     assert abs(planned - measured_bytes) <= 0.15 * measured_bytes, (planned / 2**20, measured_bytes / 2**20)
 
@@ -128,6 +134,11 @@ def test_parameters_gradients_and_optimizer_state_count_the_model():
               + v.depth * v.width * (4 * v.width + 2 * v.mlp_dim))
     qlora = plan(cfg, 2, 16, lora=4, qlora=True, dtype="bfloat16")
     assert qlora.parameters == lora.parameters - 2 * linear + round(linear * 4.25 / 8)
+    assert (qlora.total_params, qlora.trainable_params) == (lora.total_params, lora.trainable_params)
+
+    attention = sum(p.numel() for layer in PaliGemma(cfg).llm.layers for p in layer.attn.parameters())  # colab's
+    colab = plan(cfg, 2, 16, colab=True, optimizer="sgd", dtype="float32")
+    assert colab.trainable_params == attention and colab.gradients == 4 * attention and colab.optimizer_state == 0
 
 
 @pytest.mark.parametrize("optimizer,device", [("adamw", "cpu"), ("adamw", "cuda"), ("sgd", "cpu")])
@@ -167,6 +178,8 @@ def test_bad_options_are_errors():
         plan("tiny", 8, 128, qlora=True)
     with pytest.raises(ValueError, match="optimizer"):
         plan("tiny", 8, 128, optimizer="adam")
+    with pytest.raises(ValueError, match="choose one"):
+        plan("tiny", 8, 128, lora=4, colab=True)
 
 
 def test_plan_command(capsys):
