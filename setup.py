@@ -22,5 +22,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers>=5", "protobuf", "nbmake"],
+        "notebooks": ["jupyter", "matplotlib"],  # the course in notebooks/: `jupyter lab notebooks/`
     },
 )
