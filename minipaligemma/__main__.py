@@ -1,7 +1,7 @@
 """The command line: `python -m minipaligemma COMMAND ...`.
 
-    generate  an image and a prompt in, the answer streamed out
-    convert   big_vision .npz <-> transformers folder, bit for bit
+    generate  an image and a prompt in, the answer streamed out (float or quantized weights)
+    convert   big_vision .npz <-> transformers folder, bit for bit; or a quantized checkpoint
     inspect   what a checkpoint holds: format, config, dtype, parameters per part, then every check load makes
     train     the stages of a training recipe (the tiny one runs on a CPU), or a transfer of your weights
     bench     ours against transformers on the same weights: prefill, decode, memory, training step
@@ -23,11 +23,13 @@ import torch
 
 from PIL import Image
 
-from .checkpoint import check_checkpoint, config_of, convert, load, read_checkpoint
+from .checkpoint import (check_checkpoint, config_of, convert, load, quantization_header, read_checkpoint,
+                         stored_quantization)
 from .files import BadInput, atomic_write
 from .generate import generate, greedy, sample
 from .image import load_image
 from .paligemma import PaliGemma
+from .quantize import SCHEMES, fastest_kernel, fastest_weights, in_words
 from .tasks import draw, parse_detections, parse_segmentations
 from .tokenizer import find_tokenizer
 from .vqvae import load_vqvae
@@ -58,6 +60,26 @@ def _drawing_format(path: Path) -> str:
     return image_format
 
 
+def _weights(args, device: torch.device) -> tuple[torch.dtype, str | None, int]:
+    """(dtype, quantization scheme or None, group size) to generate with. What --dtype and
+    --quantize say; a quantized checkpoint keeps its own scheme. Left open, the dtype of
+    quantized weights is bfloat16 (their kernels are fast with it), and with neither option
+    given on float weights, the fastest on this device (quantize.fastest_weights). Whatever
+    was chosen for the user is said in one line."""
+    stored = stored_quantization(args.weights)
+    scheme = args.quantize or (stored and stored["scheme"])
+    group_size = stored["group_size"] if stored and not args.quantize else args.group_size
+    if args.dtype is not None or args.quantize is not None:
+        return DTYPES[args.dtype] if args.dtype else torch.bfloat16 if scheme else torch.float32, scheme, group_size
+    if stored is not None:
+        dtype, why = torch.bfloat16, "quantized in the file; its layers run fastest with bfloat16 inputs"
+    else:
+        dtype, scheme, why = fastest_weights(device)
+    weights = in_words(scheme, group_size) if scheme else "not quantized"
+    print(f"weights: {str(dtype).removeprefix('torch.')}, {weights} ({why}; --dtype and --quantize choose)", flush=True)
+    return dtype, scheme, group_size
+
+
 def cmd_generate(args) -> None:
     """Answer a prompt about an image, printing the answer as it is generated."""
     if args.beam and args.temperature > 0:
@@ -65,12 +87,14 @@ def cmd_generate(args) -> None:
     device = _device(args.device)  # the cheap checks first, before minutes of loading and decoding
     drawing_format = _drawing_format(Path(args.draw)) if args.draw else None
     image = load_image(args.image)
-    model = load(args.weights, dtype=DTYPES[args.dtype], device=device)
+    dtype, scheme, group_size = _weights(args, device)
+    kernel = fastest_kernel(scheme, group_size, device) if scheme else "reference"
+    model = load(args.weights, dtype=dtype, device=device, quantize=scheme, group_size=group_size, kernel=kernel)
     if model.tokenizer is None:
         raise BadInput(f"{args.weights}: no tokenizer.model or tokenizer.json beside the weights")
     if args.temperature > 0:
         sampler = partial(sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          generator=torch.Generator(model.llm.embed.weight.device).manual_seed(args.seed))
+                          generator=torch.Generator(device).manual_seed(args.seed))
     else:
         sampler = greedy
     ids: list[int] = []
@@ -124,9 +148,16 @@ def cmd_inspect(args) -> None:
     path = Path(args.path)
     fmt, tensors, config_json = read_checkpoint(path)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    print(f"format      {'transformers (safetensors)' if fmt == 'hf' else 'big_vision (.npz)'}")
+    formats = {"hf": "transformers (safetensors)", "npz": "big_vision (.npz)", "quantized": "quantized (safetensors)"}
+    print(f"format      {formats[fmt]}")
     print(f"dtype       {', '.join(dtypes)}")
     print(f"tensors     {len(tensors)}")
+    print(f"bytes       {sum(t.numel() * t.element_size() for t in tensors.values()):,}")
+    if fmt == "quantized":
+        q = quantization_header(config_json, str(path))
+        embedding = "included" if "llm.embed" in q["modules"] else "in float"
+        print(f"quantized   {in_words(q['scheme'], q['group_size'])}: {len(q['modules'])} modules, the tied "
+              f"embedding {embedding}")
     cfg = config_of(fmt, tensors, config_json, str(path))
     with torch.device("meta"):
         model = PaliGemma(cfg)
@@ -136,16 +167,17 @@ def cmd_inspect(args) -> None:
     print(f"{'total':<11} {sum(p.numel() for p in model.parameters()):>15,} parameters")
     print(f"vision      {asdict(cfg.vision)}")
     print(f"text        {asdict(cfg.text)}", flush=True)
-    check_checkpoint(fmt, tensors, cfg, str(path))
+    check_checkpoint(fmt, tensors, cfg, str(path), config_json)
     tokenizer = find_tokenizer(path if path.is_dir() else path.parent)
     print(f"tokenizer   {'none beside the weights' if tokenizer is None else f'{tokenizer.vocab_size} pieces'}")
     print("check       ok: every tensor the model needs, with the shape and dtype it needs")
 
 
 def cmd_convert(args) -> None:
-    """Convert SRC to DST (an .npz DST gets big_vision's layout, anything else a transformers folder)."""
-    convert(args.src, args.dst)
-    print(f"wrote {args.dst}")
+    """Convert SRC to DST (an .npz DST gets big_vision's layout, anything else a transformers
+    folder, or with --quantize a folder holding a quantized checkpoint)."""
+    convert(args.src, args.dst, args.quantize, args.group_size)
+    print(f"wrote {args.dst}" + (f" ({in_words(args.quantize, args.group_size)})" if args.quantize else ""))
 
 
 def cmd_bench(args) -> None:
@@ -169,6 +201,14 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
     return parse
+
+
+def _group_size(text: str) -> int:
+    """An argparse type: a group size of int4 / nf4, an even integer >= 2."""
+    value = _at_least(2)(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be even (two 4-bit codes a byte), got {value}")
+    return value
 
 
 def _number(low: float, high: float, low_open: bool = False):
@@ -224,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_number(0.0, 1.0, low_open=True), default=None)
     p.add_argument("--beam", type=_at_least(1), default=None, help="beam search with this many beams")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="default: bfloat16 for quantized weights, else float32; with neither --dtype nor "
+                        "--quantize, the fastest on this CPU (printed)")
+    p.add_argument("--quantize", choices=SCHEMES, default=None,
+                   help="quantize the weights after loading (a quantized checkpoint keeps its own)")
+    p.add_argument("--group-size", type=_group_size, default=64, help="inputs per scale for int4 and nf4")
     p.add_argument("--device", default="cpu")
     p.add_argument("--draw", help="save the image with the detected boxes (or segmented masks) drawn on it")
     p.add_argument("--vqvae", help="mask VQ-VAE for segment answers (default: vae-oid.npz beside the weights)")
@@ -262,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("convert", help="big_vision .npz <-> transformers folder")
     p.add_argument("src")
     p.add_argument("dst", help="ends in .npz for big_vision's layout, else a transformers folder")
+    p.add_argument("--quantize", choices=SCHEMES, default=None,
+                   help="write a quantized checkpoint (a folder) instead, which load() and generate read")
+    p.add_argument("--group-size", type=_group_size, default=64, help="inputs per scale for int4 and nf4")
     p.set_defaults(run=cmd_convert)
 
     p = commands.add_parser("bench", help="ours vs transformers: prefill, decode, memory, training step")

@@ -7,10 +7,17 @@ transformers' files, the query scalar, soft-caps, norm epsilons, context length)
 config.json when there is one, else from the official preset with the same widths, else from
 Gemma's defaults. A config.json field of the wrong type, or shapes that give no valid model,
 is a CheckpointError naming the file. See docs/checkpoints.md §7.
+
+A quantized checkpoint (docs/checkpoints.md §9) is ours alone and its codes do not have the
+shapes of the float weights, so it states our config whole in its header instead
+(`config_to_header`, `config_from_header`).
 """
 
+import json
 import math
 import re
+from dataclasses import asdict, fields
+from typing import get_args
 
 from .config import PRESETS, PaliGemmaConfig, TextConfig, VisionConfig
 from .files import BadInput
@@ -107,14 +114,14 @@ def _size_tensor(shapes: dict[str, tuple], name: str, ndim: int, source: str) ->
     return tuple(shapes[key])
 
 
-def _config(vision: dict, text: dict, source: str) -> PaliGemmaConfig:
+def _config(vision: dict, text: dict, source: str, origin: str = "the tensor shapes") -> PaliGemmaConfig:
     """The config of these sizes; sizes that do not fit together are a CheckpointError."""
     try:
         return PaliGemmaConfig(VisionConfig(**vision), TextConfig(**text))
     except BadInput:
         raise
     except ValueError as err:  # e.g. a width that is not a multiple of the number of heads
-        raise CheckpointError(f"{source}: the tensor shapes give no valid model: {err}") from None
+        raise CheckpointError(f"{source}: {origin} give no valid model: {err}") from None
 
 
 # The config.json fields read, with what each must be: (section, field, kind).
@@ -222,3 +229,43 @@ def config_from_bigvision(shapes: dict[str, tuple], source: str = "checkpoint") 
                 num_heads=lq[1], num_kv_heads=kv[2], head_dim=lq[3], query_pre_attn_scalar=u["query_pre_attn_scalar"],
                 attn_softcap=u["attn_softcap"], final_softcap=u["final_softcap"])
     return _config(vision, text, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our config whole, as JSON: the header of a quantized checkpoint.
+
+def config_to_header(cfg: PaliGemmaConfig) -> str:
+    """Every field of our config as a JSON object {"vision": {...}, "text": {...}}."""
+    return json.dumps(asdict(cfg))
+
+
+def _of_type(value, annotation) -> bool:
+    """Whether a JSON value fits a config field's annotation (int, float, str, or one of them | None)."""
+    allowed = get_args(annotation) or (annotation,)
+    if float in allowed:
+        allowed += (int,)  # JSON writes 10000.0 as a float, but a hand-edited 10000 means the same
+    return not isinstance(value, bool) and isinstance(value, allowed)
+
+
+def config_from_header(text: str, source: str) -> PaliGemmaConfig:
+    """The config that config_to_header wrote. Not JSON, a field missing, unknown or of the
+    wrong type, or sizes that give no valid model: a CheckpointError naming `source`."""
+    try:
+        stated = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{source}: the header's config is not valid JSON ({err})") from None
+    parts = {"vision": VisionConfig, "text": TextConfig}
+    if not isinstance(stated, dict) or set(stated) != set(parts) or not all(isinstance(v, dict) for v in stated.values()):
+        raise CheckpointError(f"{source}: the header's config must be a JSON object {{\"vision\": {{...}}, \"text\": {{...}}}}")
+    problems = []
+    for part, cls in parts.items():
+        names = {f.name for f in fields(cls)}
+        missing, unknown = sorted(names - set(stated[part])), sorted(set(stated[part]) - names)
+        wrong = [f"{f.name}={stated[part][f.name]!r:.20}" for f in fields(cls)
+                 if f.name in stated[part] and not _of_type(stated[part][f.name], f.type)]
+        problems += [f"{part} fields missing {missing}"] if missing else []
+        problems += [f"unknown {part} fields {unknown}"] if unknown else []
+        problems += [f"{part} fields of the wrong type {wrong}"] if wrong else []
+    if problems:
+        raise CheckpointError(f"{source}: the header's config: {'; '.join(problems)}")
+    return _config(stated["vision"], stated["text"], source, origin="the header's config fields")

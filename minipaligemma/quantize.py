@@ -43,15 +43,24 @@ and has two paths, chosen by its `kernel` argument:
 `quantize_model` swaps every linear layer of both towers and the projector, and the tied token
 table (input embedding and output layer at once, `QuantizedEmbedding`), for quantized ones;
 norms, the patch embedding (a convolution), position embeddings and biases stay in float.
-`quantized_state_dict` / `load_quantized_state_dict` save and strictly load the result.
+`quantized_state_dict` / `load_quantized_state_dict` save and strictly load the result, and
+`quantization_of` says what a quantized checkpoint's header records (docs/checkpoints.md §9).
+
+Which weights decode fastest depends on the CPU (`fastest_weights`): the fused kernels are fast
+where the CPU has wide enough vector instructions for them and compute-bound elsewhere, where
+reading more bytes of float32 is quicker than decoding fewer bytes of codes.
 """
+
+import copy
+from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import BadInput
 from .gemma import TiedEmbedding
+from .layouts import listing, raise_problems
 
 SCHEMES = ("int8", "int4", "nf4")
 KERNELS = ("reference", "cpu")
@@ -203,7 +212,8 @@ class QuantizedLinear(nn.Module):
         weight = linear.weight.detach()
         layer = cls(weight.shape[1], weight.shape[0], scheme, group_size, linear.bias is not None,
                     weight.dtype, weight.device, kernel)
-        layer.quantize_(weight)
+        if not weight.is_meta:  # a skeleton on the meta device has nothing to quantize
+            layer.quantize_(weight)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
@@ -297,7 +307,8 @@ class QuantizedEmbedding(QuantizedLinear):
         """Quantize a float token table, one row per token (an output of the readout)."""
         weight = embedding.weight.detach()  # [V, D]
         table = cls(weight.shape[1], weight.shape[0], scheme, group_size, False, weight.dtype, weight.device, kernel)
-        table.quantize_(weight)
+        if not weight.is_meta:
+            table.quantize_(weight)
         return table
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -323,13 +334,37 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 64, include_
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    for parent in list(model.modules()):
+    for path, parent in list(model.named_modules()):
         for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, QuantizedLinear.from_linear(child, scheme, group_size, kernel))
-            elif include_embedding and isinstance(child, TiedEmbedding):
-                setattr(parent, name, QuantizedEmbedding.from_embedding(child, scheme, group_size, kernel))
+            try:
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, QuantizedLinear.from_linear(child, scheme, group_size, kernel))
+                elif include_embedding and isinstance(child, TiedEmbedding):
+                    setattr(parent, name, QuantizedEmbedding.from_embedding(child, scheme, group_size, kernel))
+            except ValueError as err:  # a layer the CPU kernel cannot run: say which
+                raise ValueError(f"{path + '.' if path else ''}{name}: {err}") from None
     return model
+
+
+def quantization_of(model: nn.Module) -> dict | None:
+    """What quantize_model did to `model`, as a quantized checkpoint's header records it:
+    {"scheme", "group_size" (None for int8, per output channel), "modules" (the quantized
+    modules' paths, in the model's order)}; None when nothing is quantized."""
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        return None
+    schemes = {(m.scheme, None if m.scheme == "int8" else m.group_size) for m in layers.values()}
+    if len(schemes) > 1:
+        raise ValueError(f"the model mixes quantization schemes {sorted(schemes, key=str)}; a checkpoint holds one")
+    (scheme, group_size), = schemes
+    return {"scheme": scheme, "group_size": group_size, "modules": list(layers)}
+
+
+def in_words(scheme: str, group_size: int | None) -> str:
+    """A scheme in words, e.g. "int4 (affine) in groups of 64" or "int8 per output channel"."""
+    if scheme == "int8":
+        return "int8 per output channel"
+    return f"{scheme} ({'affine' if scheme == 'int4' else 'NormalFloat'}) in groups of {group_size}"
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -348,20 +383,95 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_quantized_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "quantized state dict"):
     """Load `tensors` (from quantized_state_dict) into a model quantized the same way.
 
-    Strict: a missing or unexpected key, a shape that differs, or integer codes of another
-    dtype raise BadInput naming `source`, the key, and what was expected and found. Float
-    tensors are converted to the model's dtype. The model may be a skeleton on the meta device
-    (quantize_model works there without memory): it then takes the loaded tensors themselves.
+    Strict: missing or unexpected keys, shapes that differ, or integer codes of another dtype
+    (or float where the model has integers, or the reverse) raise one CheckpointError (a
+    BadInput) naming `source` and every problem, each key with what was expected and found.
+    Float tensors are converted to the model's dtype. The model may be a skeleton on the meta
+    device (quantize_model works there without memory): it then takes the loaded tensors
+    themselves.
     """
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise BadInput(f"{source}: missing keys {missing}; unexpected keys {unexpected}")
-    for key, want in expected.items():
-        found = tensors[key]
+    problems = [f"missing keys {listing(missing)}"] if missing else []
+    problems += [f"unexpected keys {listing(unexpected)}"] if unexpected else []
+    for key in (key for key in expected if key in tensors):
+        found, want = tensors[key], expected[key]
         if found.shape != want.shape:
-            raise BadInput(f"{source}: {key} has shape {list(found.shape)}, the model expects {list(want.shape)}")
-        if found.dtype != want.dtype and not (found.is_floating_point() and want.is_floating_point()):
-            raise BadInput(f"{source}: {key} has dtype {found.dtype}, the model expects {want.dtype}")
+            problems.append(f"{key} has shape {list(found.shape)}, the model expects {list(want.shape)}")
+        elif found.dtype != want.dtype and not (found.is_floating_point() and want.is_floating_point()):
+            problems.append(f"{key} has dtype {found.dtype}, the model expects {want.dtype}")
+    raise_problems(problems, source)
     tensors = {key: tensor.to(expected[key].dtype) for key, tensor in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=any(t.is_meta for t in expected.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality on a trained model.
+
+def held_out_quality(run, stage: int, schemes=("int8", "int4"), group_size: int = 64, recipe="tiny",
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """Every held-out metric of a trained run's stage, for its float32 model and for each
+    scheme quantized from it: {"float32": {task: metric}, "int8": {...}, ...}.
+
+    The evaluation is the trainer's (evaluate.py): the stage's model from `run`/stageN/model,
+    the world of `seed` and the run's VQ-VAE, the recipe's number of held-out scenes at the
+    model's resolution, so the float32 row is the stage's metrics.json. `recipe` is a name or
+    a train.Recipe. The quantized layers run the reference path.
+    """
+    # These modules import this one (through checkpoint.py), so they are imported when needed.
+    from .checkpoint import load
+    from .data import World
+    from .evaluate import evaluate
+    from .tasks import mask_to_target
+    from .train import RECIPES
+    from .vqvae import load_vqvae
+
+    run = Path(run)
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    model = load(run / f"stage{stage}" / "model", dtype=torch.float32)
+    vqvae = load_vqvae(run / "stage0" / "vqvae.safetensors")
+    world = World(seed, recipe.world, segment_target=partial(mask_to_target, vqvae=vqvae))
+    size = model.config.vision.image_size
+
+    def metrics(m: nn.Module) -> dict[str, float]:
+        return evaluate(m, model.tokenizer, world, size, recipe.eval_examples, vqvae)
+    results = {"float32": metrics(model)}
+    for scheme in schemes:
+        results[scheme] = metrics(quantize_model(copy.deepcopy(model), scheme, group_size))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Which weights are fastest.
+
+def fastest_kernel(scheme: str, group_size: int, device) -> str:
+    """"cpu" where the model runs on a CPU and torch has a fused kernel for the scheme (int8;
+    int4 in groups of 32 to 256), else "reference"."""
+    fused = scheme == "int8" or (scheme == "int4" and group_size in CPU_INT4_GROUP_SIZES)
+    return "cpu" if torch.device(device).type == "cpu" and fused else "reference"
+
+
+# torch.backends.cpu.get_cpu_capability() -> (dtype, scheme, why). Measured with the measure.py
+# token clock: greedy decode at batch 1, PaliGemma 2 3B widths and vocabulary, 2 layers per
+# tower, one thread, the quantized layers on the fused kernels (README.md, "Quantization").
+FASTEST_ON_CPU = {
+    "AVX512": (torch.bfloat16, "int4", "measured on an AVX-512 CPU with bfloat16 instructions, decode "
+                                       "tokens/s: int4 27, int8 19, bfloat16 10, float32 3"),
+    "AVX2": (torch.float32, None, "measured on an AVX2 CPU, one 9216 x 2304 matrix times a token: float32 "
+                                  "5.2 ms, int8 7.8, int4 7.9, bfloat16 8.7 (compute-bound there)"),
+}
+
+
+def fastest_weights(device) -> tuple[torch.dtype, str | None, str]:
+    """(dtype, quantization scheme or None, why) that decode fastest on `device`: on a CPU the
+    measured choice for its kind (FASTEST_ON_CPU, by the vector instructions torch's kernels
+    use there); float32, unquantized, for anything not measured. Quantized weights come in
+    groups of 64 (int4)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.float32, None, f"no measurement on {device.type} devices; float32 is the reference"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in FASTEST_ON_CPU:
+        return torch.float32, None, f"no measurement on a {capability} CPU; float32 is the reference"
+    dtype, scheme, why = FASTEST_ON_CPU[capability]
+    return dtype, scheme, why

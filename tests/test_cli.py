@@ -43,7 +43,7 @@ def weights(tmp_path_factory):
 
 def test_generate_streams_the_answer_of_the_python_api(weights):
     out = cli("generate", "--weights", weights, "--image", weights.parent / "in.png", "--prompt", "caption en",
-              "--max-new-tokens", 6)
+              "--max-new-tokens", 6, "--dtype", "float32")
     model = load(weights)
     expected = generate(model, model.tokenizer, [Image.open(weights.parent / "in.png")], ["caption en"],
                         max_new_tokens=6)[0]
