@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PaliGemmaConfig, TextConfig, VisionConfig
+from .exercises import Verdict
 from .gemma import KVCache
 from .generate import decode, extend, new_cache, prefill
 from .loop import OPTIMIZERS
@@ -40,17 +41,6 @@ from .tokenizer import BOS_ID, EOS_ID, SEPARATOR, Tokenizer, encode_example
 RTOL, ATOL = 1e-5, 1e-6  # float32 rounding
 SEED = 0
 DIVISOR = 1024  # detection's bins, as the official demo (docs/tasks.md §2)
-
-
-class Verdict(str):
-    """A check's one-line verdict, shown as plain text; `passed` says which kind it is."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-    @property
-    def passed(self) -> bool:
-        return self.startswith("passes")
 
 
 @dataclass(frozen=True)
