@@ -2,19 +2,14 @@
 
 import subprocess
 import sys
-from dataclasses import replace
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from minipaligemma import PaliGemma, get_config, load
-from minipaligemma.checkpoint import to_hf_state_dict, write_hf_folder
-from minipaligemma.data import World
+from minipaligemma import load
 from minipaligemma.generate import generate
-from minipaligemma.tokenizer import train_tokenizer
 from minipaligemma.vqvae import TINY_CONFIG, MaskVQVAE, save_vqvae
+from tiny_weights import tiny_weights_folder
 
 
 def cli(*args, check=True):
@@ -28,16 +23,8 @@ def cli(*args, check=True):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A tiny model folder in transformers' layout, with a trained tokenizer and a VQ-VAE beside it."""
-    folder = tmp_path_factory.mktemp("weights") / "tiny"
-    folder.mkdir()
-    tokenizer = train_tokenizer(World(0).text_corpus(300), 512, folder / "tokenizer.model")
-    cfg = get_config("tiny")
-    cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
-    torch.manual_seed(0)
-    model = PaliGemma(cfg)
-    write_hf_folder(to_hf_state_dict(model), cfg, folder)
+    folder = tiny_weights_folder(tmp_path_factory.mktemp("weights"))
     save_vqvae(MaskVQVAE(TINY_CONFIG), folder.parent / "vae-oid.npz")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder.parent / "in.png")
     return folder
 
 

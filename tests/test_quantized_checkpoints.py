@@ -10,7 +10,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,38 +18,32 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minipaligemma import PaliGemma, convert, get_config, load
+from minipaligemma import PaliGemma, convert, load
 from minipaligemma.__main__ import main
-from minipaligemma.checkpoint import CONFIG_HEADER, QUANTIZATION_HEADER, to_hf_state_dict, write_hf_folder
-from minipaligemma.data import World
+from minipaligemma.checkpoint import CONFIG_HEADER, QUANTIZATION_HEADER
 from minipaligemma.evaluate import METRIC_NAMES
 from minipaligemma.files import BadInput
 from minipaligemma.generate import generate
 from minipaligemma.gemma import TiedEmbedding
 from minipaligemma.quantize import QuantizedLinear, fastest_weights, held_out_quality, quantize_model
-from minipaligemma.tokenizer import train_tokenizer
 from minipaligemma.train import RECIPES, Trainer, paligemma_batch, paligemma_step_loss, world_examples
+from tiny_weights import tiny_weights_folder
 
 SCHEMES = [("int8", 64), ("int4", 32), ("nf4", 64)]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """A tiny float32 model in transformers' layout, every parameter random (norms included, so
-    that nothing holds by accident), with a trained tokenizer and an image beside it."""
-    folder = tmp_path_factory.mktemp("weights") / "tiny"
-    folder.mkdir()
-    tokenizer = train_tokenizer(World(0).text_corpus(300), 512, folder / "tokenizer.model")
-    cfg = get_config("tiny")
-    cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
-    torch.manual_seed(0)
-    model = PaliGemma(cfg)
+def _randomize(model: nn.Module) -> None:
+    """Every parameter random, norms included, so that nothing holds by accident."""
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3 if p.dim() == 1 else 0.1)
-    write_hf_folder(to_hf_state_dict(model), cfg, folder)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder.parent / "in.png")
-    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A tiny float32 model in transformers' layout, every parameter random, with a trained
+    tokenizer and an image beside it."""
+    return tiny_weights_folder(tmp_path_factory.mktemp("weights"), _randomize)
 
 
 @pytest.fixture(scope="module")
