@@ -69,7 +69,7 @@ def random_model(config: PaliGemmaConfig, dtype: str, device="cpu") -> PaliGemma
     """A PaliGemma whose weights are random and made in `dtype` from the start: built on the
     meta device, each tensor then allocated in `dtype` and drawn there, matrices N(0, 1/fan_in),
     vectors N(0, 0.5²). No float32 copy ever exists, which for the 3B in bfloat16 is the
-    difference between 6 and 18 GiB at the peak."""
+    difference between 6 and 12 GiB at the peak."""
     with torch.device("meta"):
         model = PaliGemma(config).to(getattr(torch, dtype))
     model = model.to_empty(device=device)
