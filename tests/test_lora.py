@@ -10,6 +10,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -20,13 +21,15 @@ from torch import nn
 from minipaligemma import PaliGemma, get_config, prefix_lm_loss
 from minipaligemma.__main__ import main
 from minipaligemma.checkpoint import load, to_hf_state_dict, write_hf_folder
+from minipaligemma.data import Example
 from minipaligemma.files import BadInput
+from minipaligemma.generate import generate
 from minipaligemma.lora import (DEFAULT_TARGETS, LoRALinear, add_lora, dequantize_base, describe_trainable, load_lora,
                                 lora_layers, merge_lora, quantize_base, save_lora, trainable_parameters)
 from minipaligemma.paligemma import checkpoint_blocks, supervised_loss
 from minipaligemma.quantize import QuantizedLinear
 from minipaligemma.tokenizer import train_tokenizer
-from minipaligemma.train import RECIPES, Transfer, run
+from minipaligemma.train import RECIPES, Transfer, paligemma_batch, run
 
 ALL = ("llm.attn", "llm.mlp", "vision.attn", "vision.mlp")  # every linear layer of both towers' blocks
 
@@ -454,3 +457,51 @@ def target_names(cfg) -> list[str]:
     """The decoder's linear layers, every block: what DEFAULT_TARGETS adapt."""
     roles = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     return [f"llm.layers.{i}.{role}" for i in range(cfg.text.depth) for role in roles]
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+QUESTION = "answer en what colour is it?"
+
+
+def noisy_colour(rgb, seed: int) -> Image.Image:
+    """A 40 x 30 image of one colour, each pixel shifted by up to 25 levels (its own noise per seed)."""
+    noise = np.random.default_rng(seed).integers(-25, 26, (30, 40, 3))
+    return Image.fromarray(np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8))
+
+
+def test_lora_transfer_on_jsonl_lowers_the_held_out_loss_and_answers_the_colours(tmp_path):
+    """train --stages 3 --init ... --data train.jsonl --lora 4, 40 steps from random weights:
+    16 rows (4 noisy images per colour); 4 held-out images with noise of their own. Measured
+    (default and AVX2 kernels alike to 2 decimals): each held-out loss falls from about 7.3
+    (uniform over the 1,452 tokens) to about 6.1, the most that frozen random output embeddings
+    allow; greedy answers go from <loc> tokens to the four colours. The test asks for half that
+    fall on every example and three colours of four."""
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer([f"{QUESTION} {c}" for c in COLOURS] * 50, 300, tmp_path / "tokenizer.model")
+    cfg = get_config("tiny")
+    cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
+    write_hf_folder(to_hf_state_dict(PaliGemma(cfg)), cfg, tmp_path / "init")
+    tokenizer.save(tmp_path / "init" / "tokenizer.model")
+    rows, held_out = [], []
+    for i, (colour, rgb) in enumerate(COLOURS.items()):
+        for k in range(4):
+            noisy_colour(rgb, 10 * i + k).save(tmp_path / f"{colour}{k}.png")
+            rows.append(json.dumps({"image": f"{colour}{k}.png", "prefix": QUESTION, "suffix": colour}))
+        held_out.append(Example(noisy_colour(rgb, 1000 + i), QUESTION, colour, "answer"))
+    (tmp_path / "train.jsonl").write_text("\n".join(rows))
+    batch = paligemma_batch(held_out, tokenizer, cfg.vision.image_size, "cpu")
+
+    def losses_and_answers(model):
+        with torch.no_grad():
+            losses = model.eval()(batch["pixel_values"], batch["input_ids"], batch["mask_ar"], batch["mask_input"],
+                                  mask_loss=batch["mask_loss"])  # [4], each example's suffix loss
+        return losses, generate(model, tokenizer, [e.image for e in held_out], [QUESTION] * 4, max_new_tokens=6)
+
+    before, answers_before = losses_and_answers(load(tmp_path / "init", dtype=torch.float32))
+    recipe = replace(RECIPES["tiny"], batch_size=8, stage3_steps=40, lora_lr=3e-2)
+    run(recipe, tmp_path / "out", stages=(3,), init=tmp_path / "init", data=tmp_path / "train.jsonl",
+        transfer=Transfer("lora", lora_rank=4))
+    after, answers = losses_and_answers(load(tmp_path / "out" / "stage3" / "model", dtype=torch.float32))
+    assert (before - after).min() > 0.5, (before, after)
+    assert not any(a == c for a, c in zip(answers_before, COLOURS)), answers_before
+    assert sum(a == c for a, c in zip(answers, COLOURS)) >= 3, answers
