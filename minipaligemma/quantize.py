@@ -334,15 +334,20 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 64, include_
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    for path, parent in list(model.named_modules()):
-        for name, child in parent.named_children():
-            try:
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, QuantizedLinear.from_linear(child, scheme, group_size, kernel))
-                elif include_embedding and isinstance(child, TiedEmbedding):
-                    setattr(parent, name, QuantizedEmbedding.from_embedding(child, scheme, group_size, kernel))
-            except ValueError as err:  # a layer the CPU kernel cannot run: say which
-                raise ValueError(f"{path + '.' if path else ''}{name}: {err}") from None
+    kinds = (nn.Linear, TiedEmbedding) if include_embedding else (nn.Linear,)
+    # Parents and names only: holding the float layers themselves would keep every one of them
+    # in memory until the end, a float copy of the model beside the quantized one.
+    targets = [(path, parent, name) for path, parent in model.named_modules()
+               for name, child in parent.named_children() if isinstance(child, kinds)]
+    for path, parent, name in targets:
+        child = getattr(parent, name)
+        try:
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, QuantizedLinear.from_linear(child, scheme, group_size, kernel))
+            else:
+                setattr(parent, name, QuantizedEmbedding.from_embedding(child, scheme, group_size, kernel))
+        except ValueError as err:  # a layer the CPU kernel cannot run: say which
+            raise ValueError(f"{path + '.' if path else ''}{name}: {err}") from None
     return model
 
 
