@@ -183,11 +183,20 @@ def cmd_convert(args) -> None:
 def cmd_bench(args) -> None:
     """Time ours against transformers on the same weights: a table, then one line of JSON."""
     from .bench import bench  # imports the trainer, and transformers when it runs
+    from .quant_bench import quantized_bench
+    configs = args.config.split(",")
     command = f"python -m minipaligemma bench --config {args.config} --device {args.device}"
-    for option in ("repeats", "threads", "peak_tflops"):
+    for option in ("size", "repeats", "threads", "peak_tflops"):
         if getattr(args, option) is not None:
             command += f" --{option.replace('_', '-')} {getattr(args, option)}"
-    bench(args.config.split(","), args.device, args.repeats, args.peak_tflops, args.threads, command)
+    if "quantized" not in configs:
+        if args.size is not None:
+            raise BadInput("--size is an option of --config quantized")
+        bench(configs, args.device, args.repeats, args.peak_tflops, args.threads, command)
+    elif configs != ["quantized"] or args.device != "cpu":
+        raise BadInput("--config quantized runs alone, on the CPU (its fused kernels are CPU kernels)")
+    else:
+        quantized_bench(args.size or "3b", args.repeats, args.threads, command)
 
 
 def _at_least(low: int):
@@ -314,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="ours vs transformers: prefill, decode, memory, training step")
     p.add_argument("--config", default="tiny",
-                   help="tiny, full-width, 3b-bf16, small (comma-separated), or all (the device's set)")
+                   help="tiny, full-width, 3b-bf16, small (comma-separated), or all (the device's set); "
+                        "or quantized alone: float32, bfloat16, int8 and int4 against transformers")
+    p.add_argument("--size", choices=("3b", "tiny"), default=None,
+                   help="the model of --config quantized: PaliGemma 2 3B-224 at full depth (default) or tiny")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default: per config)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")

@@ -126,18 +126,24 @@ def attention_used(cfg: PaliGemmaConfig) -> dict[str, str]:
             "transformers": "image: sdpa; text: " + ("eager" if capped else "sdpa")}
 
 
+def build_reference(case: Case, dtype: torch.dtype, device: torch.device):
+    """transformers' model of the case, randomly initialised by transformers in `dtype`, with
+    the attention `attention_used` names, in eval mode on `device`."""
+    transformers = _transformers()
+    hf_config = transformers.PaliGemmaConfig(**hf_config_dict(case.model))
+    reference = transformers.PaliGemmaForConditionalGeneration._from_config(hf_config, dtype=dtype)
+    text_attention = "eager" if case.model.text.attn_softcap is not None else "sdpa"
+    reference.set_attn_implementation({"": text_attention, "text_config": text_attention, "vision_config": "sdpa"})
+    return reference.to(device).eval()
+
+
 def build_pair(case: Case, device: torch.device):
     """(transformers' model, ours) holding the same weights, in eval mode on `device`.
 
     transformers initialises its model (in the case's dtype); ours is built on the meta device,
     so nothing is initialised twice, then filled from the reference's state dict.
     """
-    transformers = _transformers()
-    hf_config = transformers.PaliGemmaConfig(**hf_config_dict(case.model))
-    reference = transformers.PaliGemmaForConditionalGeneration._from_config(hf_config, dtype=case.dtype)
-    text_attention = "eager" if case.model.text.attn_softcap is not None else "sdpa"
-    reference.set_attn_implementation({"": text_attention, "text_config": text_attention, "vision_config": "sdpa"})
-    reference = reference.to(device).eval()
+    reference = build_reference(case, case.dtype, device)
     ours = empty_model(case.model, case.dtype, device)
     load_hf_state_dict(ours, reference.state_dict(), source="transformers model")
     return reference, ours.eval()

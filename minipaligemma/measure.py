@@ -15,8 +15,8 @@ the comparison of ours and transformers with these; this module only measures.
   (tiny models) are noise.
 - Utilisation on a GPU: MFU = model FLOPs of a training step (6 * parameters * tokens, per
   tower, attention scores left out) / time / the device's peak bf16 FLOP/s; MBU = bytes a
-  decode step must read (the decoder's weights, the output embedding included, and the KV
-  cache) / time per step / the copy bandwidth measured with a large device-to-device copy.
+  decode step must read (the decoder's weights as stored, the output embedding included, and
+  the KV cache) / time per step / the copy bandwidth measured with a large device-to-device copy.
 """
 
 import ctypes
@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from .paligemma import PaliGemma
+from .quantize import state_bytes
 
 # Dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name(); the first
 # match wins. Pass --peak-tflops for a device not listed.
@@ -156,9 +157,9 @@ def train_flops(model: PaliGemma, batch: int, text_len: int) -> float:
 
 
 def decode_step_bytes(model: PaliGemma, batch: int, context: int) -> float:
-    """Bytes one decode step must read: every decoder weight (the output embedding whole) and
-    the keys and values of `context` cached positions per row."""
+    """Bytes one decode step must read: every decoder weight as stored (the output embedding
+    whole; for a quantized decoder its codes, scales and zero points) and the keys and values of
+    `context` cached positions per row, in the dtype of the model's float parameters."""
     t = model.config.text
-    weight = model.llm.embed.weight
     cache = 2 * t.depth * t.num_kv_heads * t.head_dim * context * batch
-    return (count_parameters(model.llm) + cache) * weight.element_size()
+    return state_bytes(model.llm) + cache * next(model.parameters()).element_size()

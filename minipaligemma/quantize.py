@@ -334,15 +334,20 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 64, include_
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    for path, parent in list(model.named_modules()):
-        for name, child in parent.named_children():
-            try:
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, QuantizedLinear.from_linear(child, scheme, group_size, kernel))
-                elif include_embedding and isinstance(child, TiedEmbedding):
-                    setattr(parent, name, QuantizedEmbedding.from_embedding(child, scheme, group_size, kernel))
-            except ValueError as err:  # a layer the CPU kernel cannot run: say which
-                raise ValueError(f"{path + '.' if path else ''}{name}: {err}") from None
+    kinds = (nn.Linear, TiedEmbedding) if include_embedding else (nn.Linear,)
+    # Parents and names only: holding the float layers themselves would keep every one of them
+    # in memory until the end, a float copy of the model beside the quantized one.
+    targets = [(path, parent, name) for path, parent in model.named_modules()
+               for name, child in parent.named_children() if isinstance(child, kinds)]
+    for path, parent, name in targets:
+        child = getattr(parent, name)
+        try:
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, QuantizedLinear.from_linear(child, scheme, group_size, kernel))
+            else:
+                setattr(parent, name, QuantizedEmbedding.from_embedding(child, scheme, group_size, kernel))
+        except ValueError as err:  # a layer the CPU kernel cannot run: say which
+            raise ValueError(f"{path + '.' if path else ''}{name}: {err}") from None
     return model
 
 
@@ -451,12 +456,13 @@ def fastest_kernel(scheme: str, group_size: int, device) -> str:
     return "cpu" if torch.device(device).type == "cpu" and fused else "reference"
 
 
-# torch.backends.cpu.get_cpu_capability() -> (dtype, scheme, why). Measured with the measure.py
-# token clock: greedy decode at batch 1, PaliGemma 2 3B widths and vocabulary, 2 layers per
-# tower, one thread, the quantized layers on the fused kernels (README.md, "Quantization").
+# torch.backends.cpu.get_cpu_capability() -> (dtype, scheme, why). AVX512: `bench --config
+# quantized` (greedy decode at batch 1 on the measure.py token clock, PaliGemma 2 3B-224 at full
+# depth, one thread, the quantized layers on the fused kernels; README.md, "Quantization").
+# AVX2: one decoder MLP matrix times one token on a real AVX2 CPU, two threads.
 FASTEST_ON_CPU = {
-    "AVX512": (torch.bfloat16, "int4", "measured on an AVX-512 CPU with bfloat16 instructions, decode "
-                                       "tokens/s: int4 27, int8 19, bfloat16 10, float32 3"),
+    "AVX512": (torch.bfloat16, "int4", "measured on an AVX-512 CPU with bfloat16 instructions, PaliGemma 2 "
+                                       "3B decode tokens/s: int4 2.9, int8 1.9, bfloat16 1.2, float32 0.9"),
     "AVX2": (torch.float32, None, "measured on an AVX2 CPU, one 9216 x 2304 matrix times a token: float32 "
                                   "5.2 ms, int8 7.8, int4 7.9, bfloat16 8.7 (compute-bound there)"),
 }

@@ -183,6 +183,29 @@ def test_quantize_model_replaces_every_linear_and_the_tied_table():
     assert any(".norm" in name or "_norm" in name for name in kept) and "vision.patch_embed.weight" in kept
 
 
+def test_quantize_model_frees_each_float_layer_as_it_goes(monkeypatch):
+    """When a layer is quantized, the float layers already replaced are gone: no float copy of
+    the model lives beside the quantized one (a 3B model would need both at once)."""
+    import gc
+    import weakref
+    model = tiny_model()
+    floats = [weakref.ref(m) for m in model.modules() if isinstance(m, nn.Linear)]
+    table = weakref.ref(model.llm.embed)
+    alive = []
+    quantize_one = QuantizedLinear.from_linear.__func__
+
+    def counting(cls, linear, *args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in floats))
+        return quantize_one(cls, linear, *args, **kwargs)
+
+    monkeypatch.setattr(QuantizedLinear, "from_linear", classmethod(counting))
+    quantize_model(model, "int8")
+    assert alive == list(range(len(floats), len(floats) - len(alive), -1))  # one fewer each time
+    gc.collect()
+    assert all(ref() is None for ref in floats) and table() is None
+
+
 def test_include_embedding_false_keeps_the_float_table():
     model = tiny_model()
     table = model.llm.embed.weight.detach().clone()
