@@ -13,7 +13,7 @@ It prints a table and, as its last line, one JSON object holding every number.
   final soft-cap off as in stage 3: "full-width" (the default), PaliGemma 2 3B-224's widths and
   257k vocabulary with two layers per tower, in float32; or "3b-bf16", PaliGemma 2 3B-224 at
   full depth in bfloat16. The weights are drawn in their dtype on the model built on the meta
-  device (`random_model`), so a 3B never has a float32 copy (12 GiB).
+  device (`measure.random_model`), so a 3B never has a float32 copy (12 GiB).
 - Each method is prepared exactly as stage 3 prepares it (`train.Transfer.prepare`: LoRA rank 16
   on the decoder's linear layers; QLoRA the same on NF4 blocks; the colab recipe's decoder
   attention; the base in the configuration's dtype; with `--checkpoint-activations`,
@@ -46,8 +46,7 @@ import torch
 
 from .bench import cases
 from .config import PaliGemmaConfig
-from .measure import peak_memory_mib, proc_kib
-from .paligemma import PaliGemma
+from .measure import peak_memory_mib, proc_kib, random_model
 from .plan import example_batch, plan, step_loss
 from .train import Transfer
 
@@ -63,21 +62,6 @@ def bench_config(name: str) -> tuple[PaliGemmaConfig, str]:
     transfers), and the name of its dtype."""
     case = cases(torch.device("cpu"))[name]
     return replace(case.model, text=replace(case.model.text, final_softcap=None)), DTYPE_NAMES[case.dtype]
-
-
-def random_model(config: PaliGemmaConfig, dtype: str, device="cpu") -> PaliGemma:
-    """A PaliGemma whose weights are random and made in `dtype` from the start: built on the
-    meta device, each tensor then allocated in `dtype` and drawn there, matrices N(0, 1/fan_in),
-    vectors N(0, 0.5²). No float32 copy ever exists, which for the 3B in bfloat16 is the
-    difference between 6 and 12 GiB at the peak."""
-    with torch.device("meta"):
-        model = PaliGemma(config).to(getattr(torch, dtype))
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            fan_in = p[0].numel() if p.dim() > 1 else 4  # [out, in, ...]: in * ...; a vector: std 0.5
-            p.normal_(0.0, fan_in ** -0.5)
-    return model
 
 
 def transfer_of(method: str, dtype: str, checkpoint_activations: bool) -> Transfer:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from .config import PaliGemmaConfig
 from .paligemma import PaliGemma
 from .quantize import state_bytes
 
@@ -35,6 +36,32 @@ from .quantize import state_bytes
 # match wins. Pass --peak-tflops for a device not listed.
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
                    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12)]
+
+
+FILL_ROWS = 4096  # rows drawn at a time by random_model: its float32 temporaries stay small
+
+
+@torch.no_grad()
+def random_model(config: PaliGemmaConfig, dtype: torch.dtype | str, device="cpu", seed: int = 0) -> PaliGemma:
+    """A PaliGemma with random weights made in `dtype` from the start, for benches that only
+    need the shapes to be real: built on the meta device, then each tensor allocated in `dtype`
+    and filled a few rows at a time with float32 draws from `seed` (the same numbers whatever the
+    dtype), matrices N(0, 1/fan_in), vectors (norm scales, biases) N(0, 0.5²). A 3B in bfloat16
+    thus never has a float32 copy (12 GiB). On the meta device nothing is drawn."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = PaliGemma(config).to(dtype)
+    model = model.to_empty(device=device)
+    if torch.device(device).type == "meta":
+        return model
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        rows = p.view(p.shape[0], -1) if p.dim() > 1 else p.view(1, -1)  # [out, in * ...] or [1, n]
+        std = rows.shape[1] ** -0.5 if p.dim() > 1 else 0.5
+        for start in range(0, rows.shape[0], FILL_ROWS):
+            block = rows[start:start + FILL_ROWS]
+            block.copy_(torch.randn(block.shape, generator=gen) * std)
+    return model
 
 
 def _sync(device: torch.device) -> None:

@@ -9,7 +9,7 @@ It prints a table and, as its last line, one JSON object holding every number (a
 Design choices:
 - One model in memory at a time. A 3B model is 6 GB in bfloat16 and 12 GB in float32, so each
   variant is built, measured and freed before the next. Ours is built on the meta device in its
-  final dtype and then filled with random numbers (`fill_random`), so no float32 copy of a
+  final dtype and then filled with random numbers (`measure.random_model`), so no float32 copy of a
   bfloat16 model ever exists; every variant of ours gets the same weights (drawn in float32,
   rounded to the variant's dtype), so the greedy tokens of int8 and int4 can be compared with
   float32's. transformers initialises its own random weights (the same shapes; speed does not
@@ -39,22 +39,21 @@ import gc
 import json
 import statistics
 import time
-from dataclasses import replace
 from datetime import date
 
 import torch
 from torch import nn
 
-from .bench import Case, _transformers, build_reference, log, machine, make_inputs, NO_EOS
+from .bench import Case, build_reference, log, machine, make_inputs
 from .config import get_config
 from .generate import extend, greedy, new_cache, prefill
-from .measure import TokenClock, copy_bandwidth, decode_step_bytes, peak_memory_mib, proc_kib, take_turns, timed
+from .measure import (TokenClock, copy_bandwidth, decode_step_bytes, peak_memory_mib, proc_kib, random_model,
+                      take_turns, timed)
 from .paligemma import PaliGemma
 from .quantize import QuantizedLinear, in_words, quantize_model, state_bytes
 
 SIZES = {"3b": "paligemma2-3b-224", "tiny": "tiny"}
 GROUP_SIZE = 64  # int4 inputs per scale
-FILL_ROWS = 4096  # rows drawn at a time by fill_random: float32 temporaries stay small
 
 
 def quantized_case(size: str) -> Case:
@@ -70,27 +69,6 @@ def quantized_case(size: str) -> Case:
 # ---------------------------------------------------------------------------------------------
 # Building the variants.
 
-@torch.no_grad()
-def fill_random(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every parameter in place with N(0, 0.02) numbers drawn in float32 from `seed` (the
-    same numbers whatever the model's dtype), a few rows at a time; 1-D parameters (norm scales,
-    biases) get the same draws, so that no layer is switched off. Returns the model."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        rows = p.view(p.shape[0], -1) if p.dim() > 1 else p.view(1, -1)  # [n, ...] in row blocks
-        for start in range(0, rows.shape[0], FILL_ROWS):
-            block = rows[start:start + FILL_ROWS]
-            block.copy_(torch.randn(block.shape, generator=gen) * 0.02)
-    return model
-
-
-def random_model(case: Case, dtype: torch.dtype) -> PaliGemma:
-    """Ours in `dtype` with fill_random's weights, allocated directly in that dtype."""
-    with torch.device("meta"):
-        skeleton = PaliGemma(case.model).to(dtype)
-    return fill_random(skeleton.to_empty(device="cpu")).eval()
-
-
 # ---------------------------------------------------------------------------------------------
 # The kernel probe.
 
@@ -102,7 +80,7 @@ def probe_kernels(case: Case, repeats: int = 20) -> dict[str, float]:
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
-        linear = fill_random(nn.Linear(width, hidden, bias=False, dtype=dtype))
+        linear = nn.Linear(width, hidden, bias=False, dtype=dtype)  # its own random init: speed does not depend on it
         layers = {name: linear, **{f"{scheme} {name}": QuantizedLinear.from_linear(linear, scheme, GROUP_SIZE, "cpu")
                                    for scheme in ("int8", "int4")}}
         for label, layer in layers.items():
@@ -213,7 +191,7 @@ def run_variant(case: Case, who: str, dtype: torch.dtype, scheme: str | None, re
         if who == "transformers":
             model = build_reference(case, dtype, torch.device("cpu"))
         else:
-            model = random_model(case, dtype)
+            model = random_model(case.model, dtype).eval()
             if scheme:
                 quantize_model(model, scheme, GROUP_SIZE, kernel="cpu")
         result["build_s"] = time.perf_counter() - started

