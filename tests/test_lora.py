@@ -73,7 +73,17 @@ def test_identity_at_init_and_a_nonzero_b_changes_the_logits(preset):
     before = logits(model, x)
     add_lora(model, rank=4, alpha=8, targets=ALL)
     assert len(lora_layers(model)) == cfg.text.depth * 7 + cfg.vision.depth * 6
-    assert torch.equal(logits(model, x), before)
+    unchanged = []  # every adapted layer computes exactly what its base computes
+    hooks = [layer.register_forward_hook(lambda layer, args, out: unchanged.append(torch.equal(out, layer.base(*args))))
+             for layer in lora_layers(model).values()]
+    after = logits(model, x)
+    for hook in hooks:
+        hook.remove()
+    assert len(unchanged) == len(hooks) and all(unchanged)
+    # The logits agree to float32 rounding, not always bit for bit: with AVX2-only kernels
+    # (ATEN_CPU_CAPABILITY=avx2) one logit in the model moved by one unit in the last place,
+    # though every layer's output above was bit-identical.
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
     with torch.no_grad():  # the same comparison sees one adapter's correction
         model.llm.layers[0].attn.v_proj.lora_b.normal_(0, 0.1)
     assert (logits(model, x) - before).abs().max() > 1e-3
