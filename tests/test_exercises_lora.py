@@ -13,23 +13,11 @@ import nbformat
 import torch
 from torch import nn
 
+from test_exercises import passes, rejects  # the verdict assertions of notebooks 01-03's checks
+
 from minipaligemma import exercises_lora as ex
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def passes(verdict):
-    assert verdict.passed, verdict
-    return True
-
-
-def rejects(verdict, *phrases):
-    """The verdict is a failure, on one line, naming each phrase."""
-    assert not verdict.passed, f"accepted: {verdict}"
-    assert "\n" not in verdict
-    for phrase in phrases:
-        assert phrase in verdict, f"{phrase!r} not in: {verdict}"
-    return True
 
 
 class Learner(nn.Module):

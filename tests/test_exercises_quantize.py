@@ -10,26 +10,12 @@ from pathlib import Path
 
 import nbformat
 import torch
-from test_exercises import exercises_of  # the notebooks' exercise format, read as for notebooks 01-03
+from test_exercises import exercises_of, passes, rejects  # the exercise format and verdict assertions of notebooks 01-03
 
 from minipaligemma import exercises_quantize as ex
 from minipaligemma.quantize import NF4_LEVELS
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def passes(verdict):
-    assert verdict.passed, verdict
-    return True
-
-
-def rejects(verdict, *phrases):
-    """The verdict is a failure, on one line, naming each phrase."""
-    assert not verdict.passed, f"accepted: {verdict}"
-    assert "\n" not in verdict
-    for phrase in phrases:
-        assert phrase in verdict, f"{phrase!r} not in: {verdict}"
-    return True
 
 
 # ------------------------------------------------------------------------------- int8
