@@ -12,8 +12,9 @@ It prints a table and, as its last line, one JSON object holding every number.
 - The model is one of the bench's configurations (bench.cases), with random weights and the
   final soft-cap off as in stage 3: "full-width" (the default), PaliGemma 2 3B-224's widths and
   257k vocabulary with two layers per tower, in float32; or "3b-bf16", PaliGemma 2 3B-224 at
-  full depth in bfloat16. The weights are drawn in their dtype on the model built on the meta
-  device (`measure.random_model`), so a 3B never has a float32 copy (12 GiB).
+  full depth in bfloat16. The weights are allocated in their dtype on a model built on the meta
+  device and filled a few rows at a time (`measure.random_model`), so a 3B never has a float32
+  copy (12 GiB).
 - Each method is prepared exactly as stage 3 prepares it (`train.Transfer.prepare`: LoRA rank 16
   on the decoder's linear layers; QLoRA the same on NF4 blocks; the colab recipe's decoder
   attention; the base in the configuration's dtype; with `--checkpoint-activations`,
