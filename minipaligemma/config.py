@@ -60,6 +60,9 @@ class VisionConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
 
 
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex")  # gemma.py explains each
+
+
 @dataclass(frozen=True)
 class TextConfig:
     """Gemma decoder. `version` 1 is Gemma (PaliGemma 1), 2 is Gemma 2 (PaliGemma 2)."""
@@ -78,7 +81,8 @@ class TextConfig:
     norm_eps: float = 1e-6
     attn_softcap: float | None = 50.0  # Gemma 2: attention logits capped at 50
     # "eager": plain matmuls (the reference); "sdpa": PyTorch's fused kernel, used only where no
-    # soft-cap applies (Gemma 1); with attn_softcap set, "sdpa" runs eager. See gemma.py.
+    # soft-cap applies (Gemma 1); with attn_softcap set, "sdpa" runs eager; "flex": PyTorch's
+    # flex_attention, compiled, with the soft-cap as a score modification. See gemma.py.
     attn_implementation: str = "sdpa"
     final_softcap: float | None = 30.0  # Gemma 2: output logits capped at 30 (off in transfer)
     sliding_window: int | None = None  # local layers' window; None = big_vision (no window)
@@ -95,8 +99,9 @@ class TextConfig:
     def __post_init__(self):
         if self.version not in (1, 2):
             raise ValueError(f"Gemma version must be 1 or 2, got {self.version}")
-        if self.attn_implementation not in ("eager", "sdpa"):
-            raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {self.attn_implementation!r}")
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}, "
+                             f"got {self.attn_implementation!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 

@@ -42,7 +42,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .compiled import StaticCache, compiled_step
 from .config import check_context
+from .gemma import attention_implementation
 from .image import preprocess
 from .paligemma import PaliGemma, PaliGemmaCache
 from .tokenizer import EOS_ID, PAD_ID, Tokenizer, encode_example, pad_batch
@@ -102,16 +104,19 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 # ---------------------------------------------------------------------------------------------
 # The two model calls of decoding.
 
-def new_cache(model: PaliGemma, pixel_values: torch.Tensor, prompt_len: int, max_new_tokens: int) -> PaliGemmaCache:
+def new_cache(model: PaliGemma, pixel_values: torch.Tensor, prompt_len: int, max_new_tokens: int,
+              static: bool = False) -> PaliGemmaCache:
     """A cache (keys, values and what the masks need of them) for images [B, 3, R, R] (or
     [B, F, 3, R, R]), prompts of prompt_len tokens and up to max_new_tokens new ones, in the
-    model's dtype and on its device."""
+    model's dtype and on its device. static: a cache of fixed shapes (compiled.StaticCache), so
+    that every decoding step has the same shapes, which compiled code needs."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     frames = pixel_values.shape[1] if pixel_values.dim() == 5 else 1
     weight = next(model.parameters())
     size = frames * model.config.num_image_tokens + prompt_len + max_new_tokens
-    return PaliGemmaCache(model.config.text, pixel_values.shape[0], size, weight.dtype, weight.device)
+    kind = StaticCache if static else PaliGemmaCache
+    return kind(model.config.text, pixel_values.shape[0], size, weight.dtype, weight.device)
 
 
 @torch.inference_mode()
@@ -150,7 +155,7 @@ def within(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
 def decode(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor, mask_ar: torch.Tensor,
            mask_input: torch.Tensor | None = None, max_new_tokens: int = 32, sampler: Sampler = greedy,
            eos_id: int = EOS_ID, pad_id: int = PAD_ID, on_token: OnToken | None = None,
-           vocab_size: int | None = None) -> torch.Tensor:
+           vocab_size: int | None = None, compile: bool = False) -> torch.Tensor:
     """Generate up to max_new_tokens tokens after each prompt; return them as ids [B, T_new].
 
     pixel_values [B, 3, R, R] (or [B, F, 3, R, R]); input_ids, mask_ar, mask_input [B, T]
@@ -158,10 +163,15 @@ def decode(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor
     row's tokens run up to and including its EOS, then hold pad_id; T_new is the number of steps
     taken (the loop stops early once every row has its EOS). `on_token(row, token)` sees each of those tokens, EOS
     included, as soon as it is chosen: a streaming hook for printing as the model writes.
+    compile: run each decoding step compiled (compiled.py): the same tokens, faster once compiled
+    (on a GPU as a CUDA graph), after a first step that compiles. The cache is then static, as
+    it is with "flex" attention, which compiles a kernel for every new shape.
     """
     if mask_input is None:
         mask_input = torch.ones_like(input_ids)
-    cache = new_cache(model, pixel_values, input_ids.shape[1], max_new_tokens)
+    static = compile or attention_implementation(model.config.text) == "flex"
+    cache = new_cache(model, pixel_values, input_ids.shape[1], max_new_tokens, static)
+    run_step = compiled_step(extend, input_ids.device) if compile else extend
     logits = within(prefill(model, pixel_values, input_ids, mask_ar, mask_input, cache), vocab_size)  # [B, V]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # [B]
     steps = []
@@ -175,7 +185,7 @@ def decode(model: PaliGemma, pixel_values: torch.Tensor, input_ids: torch.Tensor
         done = done | (tokens == eos_id)
         if done.all() or step == max_new_tokens - 1:
             break
-        logits = within(extend(model, tokens, cache, real=~done), vocab_size)  # [B, V]
+        logits = within(run_step(model, tokens, cache, real=~done), vocab_size)  # [B, V]
     return torch.stack(steps, dim=1)  # [B, T_new]
 
 

@@ -13,6 +13,9 @@ The sequence the decoder reads is (docs/sequence-and-masks.md §1)
   see key j iff c[j] <= c[i] (and both are real tokens). Tokens with mask_ar = 0 at the start
   form one block that sees itself both ways (image + prefix); each mask_ar = 1 token starts a
   new step, so the suffix is causal.
+  The rule is written once, for one query-key pair (`may_attend`, and `near_enough` for
+  Gemma 2's optional sliding window), and read two ways: as dense masks [B, T, S] for the eager
+  and sdpa attention (`block_mask`), and as a BlockMask for flex_attention (`flex_mask`).
 - Positions are 0-based over the whole sequence, real tokens only: cumsum(mask_input) - 1.
 - Decoding with a cache (`PaliGemmaCache`) continues the sequence a few tokens at a time: the
   decoder's `KVCache` keeps the keys and values, and a `MaskCache` beside it keeps each cached
@@ -24,32 +27,43 @@ The sequence the decoder reads is (docs/sequence-and-masks.md §1)
   supervised tokens of the batch (`reduction="token"` computes that). `prefix_lm_loss` is the
   reference, from logits [B, T, V]; training uses `supervised_loss`, the same value with logits
   computed only at the positions whose next token carries loss, a few at a time.
+- `set_attention` switches a built model's decoder attention ("eager", "sdpa", "flex").
 - `checkpoint_blocks` makes every block of both towers recompute its activations in the
   backward pass instead of keeping them: less memory for about a third more compute.
 """
 
+from dataclasses import replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from .config import PaliGemmaConfig, TextConfig
-from .gemma import Gemma, KVCache
+from .gemma import Gemma, KVCache, attention_implementation
 from .siglip import SigLIPEncoder
 from .tokenizer import Tokenizer
 
 
+def may_attend(q_step: torch.Tensor, q_valid: torch.Tensor, k_step: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
+    """big_vision's rule, elementwise: a query sees a key iff the key's step (cumsum of mask_ar)
+    is not later than the query's and both are real tokens. True = may attend."""
+    return (k_step <= q_step) & k_valid & q_valid
+
+
+def near_enough(q_position: torch.Tensor, k_position: torch.Tensor, q_step: torch.Tensor, k_step: torch.Tensor,
+                window: int) -> torch.Tensor:
+    """The sliding window's rule, elementwise: the key lies fewer than `window` positions back,
+    or both tokens belong to one bidirectional block (same step), which is exempt."""
+    return (q_position - k_position < window) | (q_step == k_step)
+
+
 def block_mask(q_steps: torch.Tensor, q_valid: torch.Tensor, k_steps: torch.Tensor,
                k_valid: torch.Tensor) -> torch.Tensor:
-    """big_vision's rule for queries [B, T] against keys [B, S] -> mask [B, T, S].
-
-    A query sees a key iff the key's step (cumsum of mask_ar) is not later than the query's
-    and both are real tokens. True = may attend.
-    """
-    visible = k_steps[:, None, :] <= q_steps[:, :, None]  # [B, T, S]
-    return visible & k_valid[:, None, :] & q_valid[:, :, None]
+    """`may_attend` for every query [B, T] against every key [B, S] -> mask [B, T, S]."""
+    return may_attend(q_steps[:, :, None], q_valid[:, :, None], k_steps[:, None, :], k_valid[:, None, :])
 
 
 def make_attn_mask(mask_ar: torch.Tensor, mask_input: torch.Tensor) -> torch.Tensor:
@@ -68,11 +82,31 @@ def sliding_window_mask(mask: torch.Tensor, q_positions: torch.Tensor, k_positio
 
     transformers' Gemma 2 does this in its local layers; big_vision does not (see config.py).
     As in transformers, a bidirectional block is exempt: two tokens of the same step (which
-    see each other both ways) keep seeing each other at any distance.
+    see each other both ways) keep seeing each other at any distance (`near_enough`).
     """
-    near = q_positions[:, :, None] - k_positions[:, None, :] < window  # [B, T, S]
-    same_block = q_steps[:, :, None] == k_steps[:, None, :]  # [B, T, S]
-    return mask & (near | same_block)
+    return mask & near_enough(q_positions[:, :, None], k_positions[:, None, :], q_steps[:, :, None],
+                              k_steps[:, None, :], window)  # [B, T, S]
+
+
+def flex_mask(q_steps: torch.Tensor, q_valid: torch.Tensor, q_positions: torch.Tensor, k_steps: torch.Tensor,
+              k_valid: torch.Tensor, k_positions: torch.Tensor, window: int | None = None) -> BlockMask:
+    """The same masks for flex_attention: queries [B, T] against keys [B, S] -> a BlockMask.
+
+    flex_attention asks a `mask_mod(batch, head, query, key)` function about single query-key
+    pairs; `create_block_mask` asks it about all of them once and keeps, per block of 128
+    queries and 128 keys, whether the block is hidden, fully visible or mixed, so the kernel
+    skips hidden blocks and evaluates the rule only inside mixed ones. The rule is
+    `may_attend` (and, with a window, `near_enough`), read at the pair's entries.
+    """
+    def visible(batch, head, query, key):
+        seen = may_attend(q_steps[batch, query], q_valid[batch, query], k_steps[batch, key], k_valid[batch, key])
+        if window is None:
+            return seen
+        return seen & near_enough(q_positions[batch, query], k_positions[batch, key], q_steps[batch, query],
+                                  k_steps[batch, key], window)
+
+    (b, t), s = q_steps.shape, k_steps.shape[1]
+    return create_block_mask(visible, b, None, t, s, device=q_steps.device)
 
 
 class MaskCache:
@@ -257,10 +291,15 @@ class PaliGemma(nn.Module):
         keys = (steps, valid, positions) if cache is None else cache.mask.append(steps, valid, positions)
         k_steps, k_valid, k_positions = keys  # [B, S] each
 
-        mask = block_mask(steps, valid, k_steps, k_valid)  # [B, F * P + T, S]
         window = self.config.text.sliding_window
-        local_mask = None if window is None else sliding_window_mask(
-            mask, positions, k_positions, steps, k_steps, window)
+        if attention_implementation(self.config.text) == "flex":
+            mask = flex_mask(steps, valid, positions, k_steps, k_valid, k_positions)
+            local_mask = None if window is None else flex_mask(steps, valid, positions, k_steps, k_valid,
+                                                               k_positions, window)
+        else:
+            mask = block_mask(steps, valid, k_steps, k_valid)  # [B, F * P + T, S]
+            local_mask = None if window is None else sliding_window_mask(
+                mask, positions, k_positions, steps, k_steps, window)
         hidden = self.llm(x, positions, mask, local_mask, None if cache is None else cache.kv)  # [B, F * P + T, D]
         return hidden[:, num_image:]  # [B, T, D]
 
@@ -272,4 +311,16 @@ def checkpoint_blocks(model: PaliGemma) -> PaliGemma:
     names and results are unchanged; a training step costs about one more forward pass."""
     for block in [*model.vision.blocks, *model.llm.layers]:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+
+def set_attention(model: PaliGemma, implementation: str) -> PaliGemma:
+    """Switch the decoder's attention to "eager", "sdpa" or "flex" (config.py,
+    gemma.attention_implementation) in place, weights untouched; return the model. The choice
+    lives in the config, which every attention layer reads, so each copy of it is replaced."""
+    text = replace(model.config.text, attn_implementation=implementation)  # checks the name
+    model.config = replace(model.config, text=text)
+    model.llm.config = text
+    for layer in model.llm.layers:
+        layer.attn.cfg = text
     return model

@@ -27,7 +27,6 @@ that depend on the CPU (AVX2 against AVX-512 rounding) are not removed: a notebo
 findings instead, so the comparison holds under `ATEN_CPU_CAPABILITY=avx2` as well.
 """
 
-import copy
 import re
 import tempfile
 import time

@@ -1,0 +1,138 @@
+"""The attention implementations and the compiled decode compute what the reference computes.
+
+"eager" (gemma.attend) is the reference. "sdpa" and "flex" must give the same logits at every
+real token, for PaliGemma 1 and 2, on padded batches, in a prefill and in cached decoding
+steps, with and without Gemma 2's sliding window; the static cache (compiled.py) must give the
+same logits as the growing one, and decode(compile=True) the same tokens as decode().
+
+flex_attention is compiled on first use for every shape (seconds to tens of seconds on a CPU),
+so these tests use few shapes. Padding queries see nothing; eager gives them the average of all
+values and flex zeros, so logits are compared at real tokens only.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from hf_reference import hf_paligemma, ours_from_hf
+from minipaligemma import get_config
+from minipaligemma.generate import decode, extend, new_cache, prefill
+from minipaligemma.paligemma import set_attention
+from test_generate import NO_EOS, amplify_blocks_, prompt_batch
+
+STEPS = 4
+
+# torch.compile would fall back to uncompiled flex_attention, with this warning, after compiling
+# it for 8 shapes (torch._dynamo.config.recompile_limit); an error here, so no test passes on
+# the fallback. The tests compile more shapes (two decoders, two dtypes, prefill and decode
+# shapes) than a decoding run does, hence a higher limit while they run.
+pytestmark = pytest.mark.filterwarnings("error:.*flex_attention called without torch.compile")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def more_compiled_shapes():
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
+@pytest.fixture(scope="module", params=["tiny-gemma1", "tiny"])
+def model(request):
+    """A tiny model whose blocks matter (test_generate.amplify_blocks_), eager attention."""
+    cfg = get_config(request.param)
+    hf = hf_paligemma(cfg, seed=3)
+    amplify_blocks_(hf)
+    return set_attention(ours_from_hf(cfg, hf), "eager")
+
+
+def teacher_forced(model, batch, tokens, static: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, T, V] of one forward over prompt + tokens, logits [B, K, V] of a prefill and
+    K - 1 cached steps fed `tokens` [B, K]), for the padded prompt `batch`."""
+    pixels, ids, mask_ar, mask_input = batch
+    ones = torch.ones_like(tokens)
+    with torch.inference_mode():
+        full = model(pixels, torch.cat([ids, tokens], 1), torch.cat([mask_ar, ones], 1),
+                     torch.cat([mask_input, ones], 1))  # [B, T + K, V]
+    cache = new_cache(model, pixels, ids.shape[1], tokens.shape[1], static=static)
+    steps = [prefill(model, pixels, ids, mask_ar, mask_input, cache)]
+    steps += [extend(model, column, cache) for column in tokens[:, :-1].T]
+    return full, torch.stack(steps, dim=1)  # [B, T + K, V], [B, K, V]
+
+
+def assert_same_at_real_tokens(got, want, mask_input, atol, rtol=0.0):
+    """Logits [B, T + K, V] equal where the token is real (prompt padding is skipped)."""
+    real = torch.cat([mask_input, torch.ones(len(mask_input), got.shape[1] - mask_input.shape[1])], 1).bool()
+    torch.testing.assert_close(got[real], want[real], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("implementation", ["sdpa", "flex"])
+def test_each_implementation_equals_eager(model, implementation, side):
+    batch = prompt_batch(model.config, [3, 6], side=side)
+    tokens = torch.randint(3, model.config.text.vocab_size, (2, STEPS), generator=torch.Generator().manual_seed(1))
+    want = teacher_forced(set_attention(model, "eager"), batch, tokens, static=False)
+    got = teacher_forced(set_attention(model, implementation), batch, tokens, static=implementation == "flex")
+    set_attention(model, "eager")
+    assert_same_at_real_tokens(got[0], want[0], batch[3], atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+
+
+def test_flex_equals_eager_with_the_sliding_window():
+    """A window of 5 on a sequence of 16 image + 6 text tokens: the local layers hide keys that
+    the global ones see, except inside the bidirectional block (paligemma.near_enough)."""
+    cfg = get_config("tiny")
+    cfg = replace(cfg, text=replace(cfg.text, sliding_window=5))
+    hf = hf_paligemma(cfg, seed=4)
+    amplify_blocks_(hf)
+    model = set_attention(ours_from_hf(cfg, hf), "eager")
+    batch = prompt_batch(cfg, [6, 4], side="right")
+    tokens = torch.randint(3, cfg.text.vocab_size, (2, STEPS), generator=torch.Generator().manual_seed(2))
+    want = teacher_forced(model, batch, tokens, static=False)
+    got = teacher_forced(set_attention(model, "flex"), batch, tokens, static=True)
+    assert_same_at_real_tokens(got[0], want[0], batch[3], atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+    # The window matters here: without it, the logits differ.
+    plain = set_attention(ours_from_hf(replace(cfg, text=replace(cfg.text, sliding_window=None)), hf), "eager")
+    assert not torch.allclose(teacher_forced(plain, batch, tokens, static=False)[1], want[1], atol=1e-3)
+
+
+def test_flex_in_bfloat16_stays_near_eager(model):
+    """bfloat16 keeps 8 bits of mantissa: the two paths round differently, so the logits agree
+    to a bfloat16 tolerance (relative 2 %, and a small absolute floor) rather than to float32's."""
+    bf16 = ours_from_hf(model.config, hf_paligemma(model.config, seed=3))
+    bf16.load_state_dict(model.state_dict())
+    bf16 = set_attention(bf16.to(torch.bfloat16), "eager")
+    batch = prompt_batch(model.config, [3, 6])
+    batch = (batch[0].to(torch.bfloat16), *batch[1:])
+    tokens = torch.randint(3, model.config.text.vocab_size, (2, STEPS), generator=torch.Generator().manual_seed(1))
+    want = teacher_forced(bf16, batch, tokens, static=False)
+    got = teacher_forced(set_attention(bf16, "flex"), batch, tokens, static=True)
+    scale = want[1].abs().max()
+    torch.testing.assert_close(got[1].float(), want[1].float(), atol=0.02 * scale, rtol=0.02)
+    assert (got[1].argmax(-1) == want[1].argmax(-1)).float().mean() >= 0.75
+
+
+def test_the_static_cache_equals_the_growing_one(model):
+    batch = prompt_batch(model.config, [3, 6], side="left")
+    tokens = torch.randint(3, model.config.text.vocab_size, (2, STEPS), generator=torch.Generator().manual_seed(5))
+    _, want = teacher_forced(model, batch, tokens, static=False)
+    _, got = teacher_forced(model, batch, tokens, static=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_the_compiled_decode_writes_the_same_tokens(model):
+    """decode(compile=True) (a static cache, the step under torch.compile) against decode(), on a
+    padded batch whose rows have different lengths. The tokens must vary, or equality says little."""
+    pixels, ids, mask_ar, mask_input = prompt_batch(model.config, [3, 6])
+    want = decode(model, pixels, ids, mask_ar, mask_input, 6, eos_id=NO_EOS)
+    got = decode(model, pixels, ids, mask_ar, mask_input, 6, eos_id=NO_EOS, compile=True)
+    assert torch.equal(got, want)
+    assert all(len(set(row)) > 2 for row in want.tolist())
+
+
+def test_set_attention_names_the_choices(model):
+    with pytest.raises(ValueError, match="attn_implementation must be one of 'eager', 'sdpa', 'flex', got 'flash'"):
+        set_attention(model, "flash")
+    assert set_attention(model, "flex").config.text.attn_implementation == "flex"
+    assert all(layer.attn.cfg.attn_implementation == "flex" for layer in model.llm.layers)
+    set_attention(model, "eager")
