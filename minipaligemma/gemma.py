@@ -185,6 +185,10 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMa
     that may see nothing (only padding does) gets zeros rather than the average of all values.
     No real token ever reads a padding token's output, so the logits of real tokens agree.
     """
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        raise NotImplementedError("flex attention has no backward pass on a CPU (torch 2.13): train with "
+                                  "attn_implementation 'eager' or 'sdpa' there (paligemma.set_attention)")
+
     def soft_capped(score, batch, head, query, key):
         return softcap(score, cap)
 

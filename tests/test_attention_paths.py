@@ -130,6 +130,18 @@ def test_the_compiled_decode_writes_the_same_tokens(model):
     assert all(len(set(row)) > 2 for row in want.tolist())
 
 
+def test_flex_refuses_to_train_on_a_cpu_with_a_message(model):
+    """torch 2.13 has no flex_attention backward on a CPU; the error says what to use instead."""
+    pixels, ids, mask_ar, mask_input = prompt_batch(model.config, [3, 6])
+    set_attention(model, "flex")
+    model.train()
+    try:
+        with pytest.raises(NotImplementedError, match="train with attn_implementation 'eager' or 'sdpa'"):
+            model(pixels, ids, mask_ar, mask_input, mask_loss=mask_input).mean().backward()
+    finally:
+        set_attention(model, "eager").eval()
+
+
 def test_set_attention_names_the_choices(model):
     with pytest.raises(ValueError, match="attn_implementation must be one of 'eager', 'sdpa', 'flex', got 'flash'"):
         set_attention(model, "flash")
