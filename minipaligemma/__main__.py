@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_generate)
 
     p = commands.add_parser("train", help="the three-stage trainer (plus stage 0)")
-    p.add_argument("--preset", default="tiny", help="tiny (a CPU, minutes) or small (one GPU, about an hour)")
+    p.add_argument("--preset", default="tiny", help="tiny (a CPU, minutes) or small (one GPU, about 6 minutes)")
     p.add_argument("--out", required=True, help="output folder, e.g. runs/tiny; rerunning resumes")
     p.add_argument("--stages", type=_stages, default=(0, 1, 2, 3))
     p.add_argument("--task", default=None, help="the stage 3 transfer task (default: the preset's, ocr)")

@@ -88,6 +88,7 @@ class Recipe:
     checkpoint_every: int = 50
     dtype: str = "float32"
     siglip_pooling: str = "map"  # pretrain.POOLINGS: SigLIP's attention-pooling head, or "mean" to compare
+    data_workers: int = 0  # processes that make stages 1-3's batches ahead of the step (0: the trainer makes them)
 
 
 RECIPES = {
@@ -99,15 +100,19 @@ RECIPES = {
         world=TINY_WORLD, low_res=32, high_res=64, batch_size=32, tokenizer_pieces=512, vqvae_steps=300,
         siglip_steps=3000, lm_steps=300, stage1_steps=1500, stage2_steps=900, stage3_steps=200,
         vision_warmup_steps=300, rsqrt_timescale=1000, eval_examples=96),
-    # One GPU, about an hour in bfloat16: 112 -> 224 px with So400m's 14 px patches.
+    # One H100/H200 in bfloat16, sized for about 6 minutes in all: 112 -> 224 px with So400m's 14 px
+    # patches (64 -> 256 image tokens). The step counts come from an estimate, not yet a measurement
+    # (docs/training.md §8): 3.1 and 9.4 TFLOP per step at 112 and 224 px, taken as 40 and 80 ms.
+    # Rendering a batch of 128 scenes at 224 px takes 0.6 s on one CPU core, so 8 processes make
+    # the batches ahead of the step.
     "small": Recipe(
         vision=VisionConfig(image_size=112, patch_size=14, width=384, depth=6, mlp_dim=1536, num_heads=6),
         text=TextConfig(version=2, width=512, depth=8, mlp_dim=2048, num_heads=8, num_kv_heads=4, head_dim=64,
                         query_pre_attn_scalar=64),
-        world=SMALL_WORLD, low_res=112, high_res=224, batch_size=128, tokenizer_pieces=1000, vqvae_steps=2000,
-        siglip_steps=2000, lm_steps=2000, stage1_steps=8000, stage2_steps=3000, stage3_steps=1000, lr=5e-4,
-        transfer_lr=1e-4, warmup_steps=200, vision_warmup_steps=2000, rsqrt_timescale=2000, eval_examples=256,
-        checkpoint_every=500, dtype="bfloat16"),
+        world=SMALL_WORLD, low_res=112, high_res=224, batch_size=128, tokenizer_pieces=768, vqvae_steps=500,
+        siglip_steps=1000, lm_steps=500, stage1_steps=2500, stage2_steps=1000, stage3_steps=250, lr=5e-4,
+        transfer_lr=1e-4, warmup_steps=100, vision_warmup_steps=600, rsqrt_timescale=600, eval_examples=256,
+        checkpoint_every=250, dtype="bfloat16", data_workers=8),
 }
 
 
@@ -209,6 +214,47 @@ def paligemma_batch(examples: list[Example], tokenizer: Tokenizer, size: int, de
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """Steps start .. stop - 1 as a dataset: item i is make(start + i), step start + i's batch."""
+
+    def __init__(self, make: Callable[[int], object], start: int, stop: int):
+        self.make, self.start, self.stop = make, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        return self.make(self.start + i)
+
+
+class Prefetched:
+    """make(t), called in step order t, t + 1, ..., computed ahead by `workers` processes while
+    the model trains on the current step: a DataLoader over step indices, so batch t is still
+    make(t) whoever makes it. A call out of order (a resumed run's first step) restarts the
+    workers from that step. workers = 0: make(t) in this process, nothing ahead."""
+
+    def __init__(self, make: Callable[[int], object], stop: int, workers: int):
+        self.make, self.stop, self.workers = make, stop, workers
+        self.upcoming, self.expected = None, None
+
+    def __call__(self, t: int):
+        if self.workers == 0:
+            return self.make(t)
+        if t != self.expected:
+            self.upcoming = iter(torch.utils.data.DataLoader(
+                _StepBatches(self.make, t, self.stop), batch_size=None, num_workers=self.workers,
+                prefetch_factor=4, pin_memory=torch.cuda.is_available()))
+        self.expected = t + 1
+        return next(self.upcoming)
+
+
+def step_batch(next_batch: Callable[[int], list[Example]], tokenizer: Tokenizer, size: int,
+               t: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Step t's model inputs on the CPU (`paligemma_batch`) and the task of each example."""
+    examples = next_batch(t)
+    return paligemma_batch(examples, tokenizer, size, "cpu"), [e.task for e in examples]
+
+
 def paligemma_step_loss(model: nn.Module, batch: dict[str, torch.Tensor], image_tokens: int, autocast: bool,
                         tasks: list[str] | None = None) -> StepLoss:
     """The suffix loss of one batch (per example, then mean), how many tokens it read, and,
@@ -301,13 +347,15 @@ class Trainer:
 
     def paligemma_fit(self, model: PaliGemma, stage: int, steps: int, groups: list[ParamGroup],
                       next_batch: Callable[[int], list[Example]], size: int, optimizer: str = "adamw") -> None:
-        """Train a PaliGemma on batches next_batch(t) at `size` px."""
+        """Train a PaliGemma on batches next_batch(t) at `size` px (made ahead by the recipe's
+        data_workers, if any)."""
         image_tokens = model.config.num_image_tokens
+        batches = Prefetched(partial(step_batch, next_batch, self.tokenizer, size), steps, self.recipe.data_workers)
 
         def loss_fn(trained, t):
-            examples = next_batch(t)
-            batch = paligemma_batch(examples, self.tokenizer, size, self.device)
-            return paligemma_step_loss(trained, batch, image_tokens, self.autocast, [e.task for e in examples])
+            batch, tasks = batches(t)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            return paligemma_step_loss(trained, batch, image_tokens, self.autocast, tasks)
 
         fit(model, groups, loss_fn, steps, self.stage_dir(stage) / "checkpoint.safetensors", f"stage {stage}",
             self.recipe.checkpoint_every, self.fsdp, optimizer)
