@@ -196,6 +196,12 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMa
                                    scale=1.0, enable_gqa=True)  # [B, N, T, H]
 
 
+# torch 2.13's compiler cannot build its CPU flex kernel inside a larger compiled graph (a
+# decoding step under decode(compile=True) fails with NoValidChoicesError), though it builds it
+# alone. On a CPU, compiled code therefore calls flex_attend as a separate compiled function.
+flex_attend_apart = torch.compiler.disable(flex_attend, recursive=False)
+
+
 def attention_implementation(cfg: TextConfig) -> str:
     """The attention the decoder layers run: cfg.attn_implementation, except that "sdpa" (the
     fused kernel) cannot soft-cap, so a config with an attention soft-cap runs "eager" there."""
@@ -233,7 +239,8 @@ class Attention(nn.Module):
         if implementation == "sdpa":
             out = fused_attend(q, k, v, mask)  # [B, N, T, H]
         elif implementation == "flex":
-            out = flex_attend(q, k, v, mask, cfg.attn_softcap)  # [B, N, T, H]
+            flex = flex_attend if q.is_cuda else flex_attend_apart
+            out = flex(q, k, v, mask, cfg.attn_softcap)  # [B, N, T, H]
         else:  # "eager"
             out = attend(q, k, v, mask, cfg.attn_softcap)  # [B, N, T, H]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, D]

@@ -36,13 +36,25 @@ def more_compiled_shapes():
         yield
 
 
-@pytest.fixture(scope="module", params=["tiny-gemma1", "tiny"])
-def model(request):
+def tiny_model(name: str):
     """A tiny model whose blocks matter (test_generate.amplify_blocks_), eager attention."""
-    cfg = get_config(request.param)
+    cfg = get_config(name)
     hf = hf_paligemma(cfg, seed=3)
     amplify_blocks_(hf)
     return set_attention(ours_from_hf(cfg, hf), "eager")
+
+
+@pytest.fixture(scope="module", params=["tiny-gemma1", "tiny"])
+def model(request):
+    """PaliGemma 1 and 2 at toy width."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def gemma2():
+    """PaliGemma 2 at toy width, for the tests that compile most (each shape costs tens of
+    seconds on a CPU): its soft-cap is what flex_attention adds over sdpa."""
+    return tiny_model("tiny")
 
 
 def teacher_forced(model, batch, tokens, static: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,15 +108,13 @@ def test_flex_equals_eager_with_the_sliding_window():
     assert not torch.allclose(teacher_forced(plain, batch, tokens, static=False)[1], want[1], atol=1e-3)
 
 
-def test_flex_in_bfloat16_stays_near_eager(model):
+def test_flex_in_bfloat16_stays_near_eager(gemma2):
     """bfloat16 keeps 8 bits of mantissa: the two paths round differently, so the logits agree
     to a bfloat16 tolerance (relative 2 %, and a small absolute floor) rather than to float32's."""
-    bf16 = ours_from_hf(model.config, hf_paligemma(model.config, seed=3))
-    bf16.load_state_dict(model.state_dict())
-    bf16 = set_attention(bf16.to(torch.bfloat16), "eager")
-    batch = prompt_batch(model.config, [3, 6])
+    bf16 = tiny_model("tiny").to(torch.bfloat16)
+    batch = prompt_batch(gemma2.config, [3, 6])
     batch = (batch[0].to(torch.bfloat16), *batch[1:])
-    tokens = torch.randint(3, model.config.text.vocab_size, (2, STEPS), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(3, gemma2.config.text.vocab_size, (2, STEPS), generator=torch.Generator().manual_seed(1))
     want = teacher_forced(bf16, batch, tokens, static=False)
     got = teacher_forced(set_attention(bf16, "flex"), batch, tokens, static=True)
     scale = want[1].abs().max()
@@ -120,12 +130,18 @@ def test_the_static_cache_equals_the_growing_one(model):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_the_compiled_decode_writes_the_same_tokens(model):
-    """decode(compile=True) (a static cache, the step under torch.compile) against decode(), on a
-    padded batch whose rows have different lengths. The tokens must vary, or equality says little."""
-    pixels, ids, mask_ar, mask_input = prompt_batch(model.config, [3, 6])
-    want = decode(model, pixels, ids, mask_ar, mask_input, 6, eos_id=NO_EOS)
-    got = decode(model, pixels, ids, mask_ar, mask_input, 6, eos_id=NO_EOS, compile=True)
+@pytest.mark.parametrize("implementation", ["eager", "flex"])
+def test_the_compiled_decode_writes_the_same_tokens(gemma2, implementation):
+    """decode(compile=True) (a static cache, the step under torch.compile) against eager decode(),
+    on a padded batch whose rows have different lengths. The tokens must vary, or equality says
+    little."""
+    pixels, ids, mask_ar, mask_input = prompt_batch(gemma2.config, [3, 6])
+    want = decode(gemma2, pixels, ids, mask_ar, mask_input, 6, eos_id=NO_EOS)
+    try:
+        got = decode(set_attention(gemma2, implementation), pixels, ids, mask_ar, mask_input, 6, eos_id=NO_EOS,
+                     compile=True)
+    finally:
+        set_attention(gemma2, "eager")
     assert torch.equal(got, want)
     assert all(len(set(row)) > 2 for row in want.tolist())
 
