@@ -212,6 +212,12 @@ def run_variant(case: Case, who: str, dtype: torch.dtype, scheme: str | None, re
     gc.collect()
     result["rss_before_mib"] = rss_before
     result["peak_rss_mib"] = None if added is None else rss_before + added
+    # Each variant's figures as soon as they are measured: a run stopped before the table (a
+    # 3B bench takes most of an hour) keeps what it measured.
+    rss = "n/a" if added is None else f"{result['peak_rss_mib'] / 1024:.1f} GiB"
+    log(f"{name}: prefill {result['prefill_ms']['median']:.0f} ms, decode b1 "
+        f"{result['decode_b1_tok_s']['median']:.2f} tok/s, b8 {result['decode_b8_tok_s']['median']:.2f} tok/s, "
+        f"peak RSS {rss}")
     return result
 
 
