@@ -14,7 +14,8 @@ the comparison of ours and transformers with these; this module only measures.
   freed pages back; still only as good as the allocator's bookkeeping, so figures of a few MiB
   (tiny models) are noise.
 - Utilisation on a GPU: MFU = model FLOPs of a training step (6 * parameters * tokens, per
-  tower, attention scores left out) / time / the device's peak bf16 FLOP/s; MBU = bytes a
+  tower, attention scores left out; LoRA: `lora_train_flops`) / time / the device's peak bf16
+  FLOP/s, from its datasheet or measured on a large matrix product; MBU = bytes a
   decode step must read (the decoder's weights as stored, the output embedding included, and
   the KV cache) / time per step / the copy bandwidth measured with a large device-to-device copy.
 """
@@ -47,20 +48,23 @@ def random_model(config: PaliGemmaConfig, dtype: torch.dtype | str, device="cpu"
     need the shapes to be real: built on the meta device, then each tensor allocated in `dtype`
     and filled a few rows at a time with float32 draws from `seed` (the same numbers whatever the
     dtype), matrices N(0, 1/fan_in), vectors (norm scales, biases) N(0, 0.5²). A 3B in bfloat16
-    thus never has a float32 copy (12 GiB). On the meta device nothing is drawn."""
+    thus never has a float32 copy (12 GiB). The numbers are drawn on the model's device (a GPU
+    draws a 3B's in a second, one CPU core in half a minute), so they differ between a CPU and
+    a GPU. On the meta device nothing is drawn."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    device = torch.device(device)
     with torch.device("meta"):
         model = PaliGemma(config).to(dtype)
     model = model.to_empty(device=device)
-    if torch.device(device).type == "meta":
+    if device.type == "meta":
         return model
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     for p in model.parameters():
         rows = p.view(p.shape[0], -1) if p.dim() > 1 else p.view(1, -1)  # [out, in * ...] or [1, n]
         std = rows.shape[1] ** -0.5 if p.dim() > 1 else 0.5
         for start in range(0, rows.shape[0], FILL_ROWS):
             block = rows[start:start + FILL_ROWS]
-            block.copy_(torch.randn(block.shape, generator=gen) * std)
+            block.copy_(torch.randn(block.shape, generator=gen, device=device) * std)
     return model
 
 
@@ -159,6 +163,15 @@ def copy_bandwidth(device: torch.device, size: int = 2**30) -> float:
     return 2 * size / seconds
 
 
+def matmul_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
+    """FLOP/s that one product of two random [size, size] matrices in `dtype` reaches on the
+    device, measured: 2 size³ over the median time. The denominator of MFU measured in the same
+    run, where `peak_flops` reads the datasheet's figure, which no real product reaches."""
+    a, b = torch.randn(2, size, size, device=device).to(dtype)  # [size, size] each
+    seconds = take_turns({"matmul": lambda: timed(lambda: a @ b, device)}, repeats)["matmul"]
+    return 2 * size**3 / seconds
+
+
 def peak_flops(device: torch.device, given_tflops: float | None) -> float | None:
     """The device's peak bf16 FLOP/s: given, else looked up by name (None if unknown)."""
     if given_tflops is not None:
@@ -181,6 +194,25 @@ def train_flops(model: PaliGemma, batch: int, text_len: int) -> float:
     per_example = (count_parameters(model.vision) * image + count_parameters(model.projector) * image
                    + (count_parameters(model.llm) - embedding) * (image + text_len) + embedding * text_len)
     return 6.0 * batch * per_example
+
+
+def lora_train_flops(model: PaliGemma, batch: int, text_len: int) -> float:
+    """Model FLOPs of one training step of LoRA adapters on the decoder (lora.add_lora with
+    decoder targets, everything else frozen), counted as `train_flops` counts but by what each
+    weight does: the image encoder and projector only run forward (2 per parameter per image
+    token: nothing below them trains, so no gradient flows back through them); the frozen
+    decoder runs forward and passes the gradient back to its input, without weight gradients
+    (4 per parameter per token; the tied embedding's readout, per text token); every adapter
+    parameter costs 6, as any trained weight."""
+    if any(p.requires_grad for p in [*model.vision.parameters(), *model.projector.parameters()]):
+        raise ValueError("lora_train_flops counts adapters on the decoder only; the image side has trainable weights")
+    image = model.config.num_image_tokens
+    embedding = model.llm.embed.weight.numel()
+    adapters = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
+    frozen = count_parameters(model.llm) - embedding - adapters
+    per_example = (2 * (count_parameters(model.vision) + count_parameters(model.projector)) * image
+                   + (4 * frozen + 6 * adapters) * (image + text_len) + 4 * embedding * text_len)
+    return float(batch * per_example)
 
 
 def decode_step_bytes(model: PaliGemma, batch: int, context: int) -> float:
