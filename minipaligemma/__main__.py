@@ -4,7 +4,8 @@
     convert   big_vision .npz <-> transformers folder, bit for bit; or a quantized checkpoint
     inspect   what a checkpoint holds: format, config, dtype, parameters per part, then every check load makes
     train     the stages of a training recipe (the tiny one runs on a CPU), or a transfer of your weights
-    bench     ours against transformers on the same weights: prefill, decode, memory, training step
+    bench     ours against transformers on the same weights: prefill, decode, memory, training step;
+              the GPU check in one call (--config gpu)
     plan      the memory of one training step (full, LoRA, QLoRA, activation checkpointing)
 
 Each command is a small function over the package's public API; `--help` on any of them
@@ -183,17 +184,27 @@ def cmd_convert(args) -> None:
 def cmd_bench(args) -> None:
     """Time ours against transformers on the same weights: a table, then one line of JSON."""
     from .bench import bench  # imports the trainer, and transformers when it runs
+    from .gpu_bench import attention_bench, gpu_bench
     from .quant_bench import quantized_bench
     configs = args.config.split(",")
-    command = f"python -m minipaligemma bench --config {args.config} --device {args.device}"
+    device = args.device or ("cuda" if configs == ["gpu"] else "cpu")
+    command = f"python -m minipaligemma bench --config {args.config} --device {device}"
     for option in ("size", "repeats", "threads", "peak_tflops"):
         if getattr(args, option) is not None:
             command += f" --{option.replace('_', '-')} {getattr(args, option)}"
-    if "quantized" not in configs:
+    if configs in (["gpu"], ["attention"]):
+        given = [f"--{o.replace('_', '-')}" for o in ("size", "repeats", "peak_tflops") if getattr(args, o) is not None]
+        if given:
+            raise BadInput(f"{', '.join(given)}: not an option of --config {args.config} (it measures its own)")
+        _device(device)
+        (gpu_bench if configs == ["gpu"] else attention_bench)(device, args.threads, command)
+    elif "gpu" in configs or "attention" in configs:
+        raise BadInput("--config gpu and --config attention run alone")
+    elif "quantized" not in configs:
         if args.size is not None:
             raise BadInput("--size is an option of --config quantized")
-        bench(configs, args.device, args.repeats, args.peak_tflops, args.threads, command)
-    elif configs != ["quantized"] or args.device != "cpu":
+        bench(configs, device, args.repeats, args.peak_tflops, args.threads, command)
+    elif configs != ["quantized"] or device != "cpu":
         raise BadInput("--config quantized runs alone, on the CPU (its fused kernels are CPU kernels)")
     else:
         quantized_bench(args.size or "3b", args.repeats, args.threads, command)
@@ -324,10 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("bench", help="ours vs transformers: prefill, decode, memory, training step")
     p.add_argument("--config", default="tiny",
                    help="tiny, full-width, 3b-bf16, small (comma-separated), or all (the device's set); "
-                        "or quantized alone: float32, bfloat16, int8 and int4 against transformers")
+                        "or quantized alone: float32, bfloat16, int8 and int4 against transformers; or gpu "
+                        "alone: checks, 3B speed, MBU and MFU in 4 minutes (tiny sizes with --device cpu); or "
+                        "attention alone: eager, sdpa, flex and compiled decoding")
     p.add_argument("--size", choices=("3b", "tiny"), default=None,
                    help="the model of --config quantized: PaliGemma 2 3B-224 at full depth (default) or tiny")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --config gpu, else cpu)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default: per config)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     p.add_argument("--peak-tflops", type=float, default=None,
