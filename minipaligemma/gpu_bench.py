@@ -12,7 +12,7 @@ run, so that a GPU lent for a few minutes yields every figure at once.
    FLOP/s of a large matrix product in the training dtype (measure.matmul_flops), the
    denominators of MBU and MFU, measured rather than read off a datasheet.
 2. Checks, on random weights (measure.random_model), for the tiny and the full-width configs
-   (bench.cases), each in float32 and in bfloat16:
+   (bench.cases), each in float32 and in bfloat16 (on a CPU: decoding in float32 only):
      prefill  the logits of a padded batch (a prompt, then a causal suffix; one row ends in
               padding): "flex" attention against "eager"; and "sdpa" against "eager" on the same
               weights with the attention soft-cap off, because sdpa cannot soft-cap (with the cap
@@ -109,6 +109,7 @@ class Plan:
     """What `--config gpu` measures on one device type."""
 
     checks: tuple[str, ...]  # bench.cases checked, each in float32 and bfloat16
+    decode_checked: tuple[torch.dtype, ...]  # the dtypes whose decoding is checked too
     speed: str  # the bench case whose speed is measured
     decode_batches: tuple[int, ...]
     train: str  # the bench case of the full fine-tuning step
@@ -123,12 +124,13 @@ PLANS = {
     # 240 s in all: the ends leave 25 s for the measurement in flight and the report. Guessed
     # from compile times on a CPU (the checks compile 4 decode steps and 12 flex kernels, the
     # compiled decode one step per batch size), not yet measured on a GPU.
-    "cuda": Plan(checks=("tiny", "full-width"), speed="3b-bf16", decode_batches=(1, 8, 32), train="small",
+    "cuda": Plan(checks=("tiny", "full-width"), decode_checked=(torch.float32, torch.bfloat16), speed="3b-bf16", decode_batches=(1, 8, 32), train="small",
                  train_batches=(128, 64, 32), lora_batches=(64, 32, 16, 8), matmul_dtype=torch.bfloat16,
                  matmul_size=8192, ends_s={"checks": 70, "speed": 170, "train": 215}),
-    # About a minute on one core: the decode batch is the checks' (CHECK_BATCH), so the decode
-    # reuses the step they compiled. No time limit.
-    "cpu": Plan(checks=("tiny",), speed="tiny", decode_batches=(2,), train="tiny", train_batches=(8,),
+    # About a minute on one core: decoding checked in float32 only (each dtype compiles a decode
+    # step and two flex kernels, 40 s on one core), and the decode batch is the checks'
+    # (CHECK_BATCH), so the decode measured reuses the step they compiled. No time limit.
+    "cpu": Plan(checks=("tiny",), decode_checked=(torch.float32,), speed="tiny", decode_batches=(2,), train="tiny", train_batches=(8,),
                 lora_batches=(8,), matmul_dtype=torch.float32, matmul_size=1024, ends_s=None),
 }
 CHECK_BATCH, SUFFIX, PADDING = 2, 4, 3  # the checks' padded batch (`padded_batch`)
@@ -207,6 +209,26 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 1: the device.
+
+def device_part(report: Report, plan: Plan, device: torch.device) -> None:
+    """The copy bandwidth and the matmul FLOP/s of this device, measured."""
+    figures = {"copy_bandwidth_gb_s": copy_bandwidth(device) / 1e9,
+               "matmul_tflops": matmul_flops(device, plan.matmul_dtype, plan.matmul_size) / 1e12,
+               "matmul": f"[{plan.matmul_size}]² {str(plan.matmul_dtype).removeprefix('torch.')}"}
+    if device.type == "cuda":
+        datasheet = peak_flops(device, None)
+        figures["datasheet_tflops"] = None if datasheet is None else datasheet / 1e12
+    report.record(("device",), figures, f"copy {figures['copy_bandwidth_gb_s']:.0f} GB/s, matmul {figures['matmul']} "
+                                        f"{figures['matmul_tflops']:.1f} TFLOP/s")
+
+
+def device_figure(report: Report, key: str) -> float | None:
+    """A figure of part 1 (None if it failed)."""
+    return report.data.get("device", {}).get(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +325,9 @@ def decode_checks(report: Report, keys: tuple[str, ...], model: PaliGemma, x: di
     set_attention(model, "eager")
 
 
-def check_config(report: Report, name: str, device: torch.device) -> None:
-    """Every check of bench case `name`, in float32 and then bfloat16 (the same weights, rounded)."""
+def check_config(report: Report, name: str, plan: Plan, device: torch.device) -> None:
+    """Every check of bench case `name`, in float32 and then bfloat16 (the same weights, rounded);
+    the decoding ones in the plan's `decode_checked` dtypes."""
     case = cases(device)[name]
     model = random_model(case.model, torch.float32, device).eval()
     x = padded_batch(case, device)
@@ -313,29 +336,9 @@ def check_config(report: Report, name: str, device: torch.device) -> None:
         typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         xd = {**x, "pixel_values": x["pixel_values"].to(dtype)}
         report.run_part("checks", keys + ("prefill",), lambda: prefill_checks(report, keys, typed, xd, TOLERANCE[dtype]))
-        report.run_part("checks", keys + ("decode",),
-                        lambda: decode_checks(report, keys, typed, xd, case.new_tokens, TOLERANCE[dtype], device))
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Part 1: the device.
-
-def device_part(report: Report, plan: Plan, device: torch.device) -> None:
-    """The copy bandwidth and the matmul FLOP/s of this device, measured."""
-    figures = {"copy_bandwidth_gb_s": copy_bandwidth(device) / 1e9,
-               "matmul_tflops": matmul_flops(device, plan.matmul_dtype, plan.matmul_size) / 1e12,
-               "matmul": f"[{plan.matmul_size}]² {str(plan.matmul_dtype).removeprefix('torch.')}"}
-    if device.type == "cuda":
-        datasheet = peak_flops(device, None)
-        figures["datasheet_tflops"] = None if datasheet is None else datasheet / 1e12
-    report.record(("device",), figures, f"copy {figures['copy_bandwidth_gb_s']:.0f} GB/s, matmul {figures['matmul']} "
-                                        f"{figures['matmul_tflops']:.1f} TFLOP/s")
-
-
-def device_figure(report: Report, key: str) -> float | None:
-    """A figure of part 1 (None if it failed)."""
-    return report.data.get("device", {}).get(key)
+        if dtype in plan.decode_checked:
+            report.run_part("checks", keys + ("decode",),
+                            lambda: decode_checks(report, keys, typed, xd, case.new_tokens, TOLERANCE[dtype], device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,17 +483,17 @@ def largest_fitting(batches: tuple[int, ...], make_step: Callable[[int], Callabl
     device memory, its step (run once, so the optimizer state exists), and the batches that did
     not fit. A batch that does not fit costs one failed step, whose memory is freed before the
     next try; if none fits, the last OutOfMemoryError is raised."""
-    too_big = []
+    too_big, step = [], None
     for batch in batches:
-        step = make_step(batch)
         try:
+            step = make_step(batch)  # its inputs may not fit either
             step()
             return batch, step, too_big
         except torch.cuda.OutOfMemoryError:
             if batch == batches[-1]:
                 raise
         too_big.append(batch)
-        del step
+        step = None
         for p in params:
             p.grad = None
         free_memory()
@@ -569,12 +572,11 @@ def gpu_bench(device: str = "cuda", threads: int | None = None, command: str = "
     plan = PLANS[device.type]
     with bench_settings(threads):
         report = Report("gpu", device, command, plan.ends_s)
-        report.data["plan"] = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
-                               for k, v in asdict(plan).items()}
+        report.data["plan"] = json.loads(json.dumps(asdict(plan), default=lambda dtype: str(dtype).removeprefix("torch.")))
         report.say(f"bench --config gpu on {where(report.data['machine'])}; log and JSON: {report.stem}.*")
         report.run_part("device", ("device",), lambda: device_part(report, plan, device))
         for name in plan.checks:
-            report.run_part("checks", ("checks", name), lambda: check_config(report, name, device))
+            report.run_part("checks", ("checks", name), lambda: check_config(report, name, plan, device))
         report.run_part("speed", ("speed",), lambda: speed_part(report, plan, device))
         train_part(report, plan, device)
         return finish(report)
