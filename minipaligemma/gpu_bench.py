@@ -18,8 +18,7 @@ run, so that a GPU lent for a few minutes yields every figure at once.
               weights with the attention soft-cap off, because sdpa cannot soft-cap (with the cap
               on, "sdpa" runs eager and there is nothing to compare).
      decode   decode on "flex" attention (uncompiled steps on a cache of fixed shapes), and the
-              compiled decode (decode(compile=True) on COMPILED_ATTENTION: flex on a GPU),
-              against decode on "eager", from the same padded prompts. The fast path is fed the
+              compiled decode (decode(compile=True) on "flex"), against decode on "eager", from the same padded prompts. The fast path is fed the
               reference's greedy tokens (teacher forcing), so that each step compares logits
               after the same prefix; its own greedy choice must equal the reference's wherever
               the reference's two best logits lie further apart than twice the tolerated error
@@ -31,8 +30,7 @@ run, so that a GPU lent for a few minutes yields every figure at once.
    into ours by the strict loader, as bench.py does), 256 image + 16 text tokens:
      prefill  ms at batch 1: ours eager, ours flex, transformers (eager: Gemma 2 soft-caps).
      decode   tokens/s at batch 1, 8 and 32, greedy, EOS off: ours eager; ours compiled (flex
-              attention and decode(compile=True): on a GPU each step replays a CUDA graph; on a
-              CPU eager attention, COMPILED_ATTENTION says why);
+              attention and decode(compile=True): on a GPU each step replays a CUDA graph);
               transformers' generate, eager; and generate with its static cache, which it
               compiles itself on a GPU (asked to on a CPU). A row that fails says why.
      MBU      bytes one step must read (measure.decode_step_bytes: weights and KV cache) x
@@ -56,7 +54,7 @@ table and one line of JSON holding every figure.
 `--config attention` measures, for the tiny and the full-width configs in their bench dtype,
 prefill ms at batch 1 and decode tokens/s at batch 1 and 8 for each attention path: "eager";
 "sdpa" (the row says that Gemma 2's soft-cap makes it run eager); "flex" (uncompiled decoding
-on a cache of fixed shapes); "compiled" (decode(compile=True) on COMPILED_ATTENTION). Each row
+on a cache of fixed shapes); "compiled" (flex and decode(compile=True)). Each row
 names the attention it ran. It shares the measuring helper (`measure_path`) with part 3 and has
 no time limit.
 """
@@ -134,16 +132,8 @@ PLANS = {
                 lora_batches=(8,), matmul_dtype=torch.float32, matmul_size=1024, ends_s=None),
 }
 CHECK_BATCH, SUFFIX, PADDING = 2, 4, 3  # the checks' padded batch (`padded_batch`)
-PATHS = ("eager", "sdpa", "flex", "compiled")  # the attention implementations, then the compiled decode
-# The attention the compiled decode runs: flex on a GPU. On a CPU torch 2.13 cannot compile
-# flex_attention inside the compiled decode step (inductor: "NoValidChoicesError: No choices to
-# select"), so the step compiles eager attention there.
-COMPILED_ATTENTION = {"cuda": "flex", "cpu": "eager"}
-
-
-def path_setup(path: str, device: torch.device) -> tuple[str, bool]:
-    """(attention implementation, decode(compile=...)) of a path of PATHS on `device`."""
-    return (COMPILED_ATTENTION[device.type], True) if path == "compiled" else (path, False)
+PATHS = {"eager": ("eager", False), "sdpa": ("sdpa", False), "flex": ("flex", False),  # name: (attention,
+         "compiled": ("flex", True)}                                                 # decode(compile=...))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +290,7 @@ def recording(seen: list[torch.Tensor], forced: torch.Tensor | None = None) -> C
 
 
 def decode_checks(report: Report, keys: tuple[str, ...], model: PaliGemma, x: dict, new_tokens: int,
-                  tolerance: float, device: torch.device) -> None:
+                  tolerance: float) -> None:
     """decode on flex (uncompiled, a static cache), then the compiled decode (PATHS), against
     decode on eager, teacher-forced on the reference's greedy tokens: the logits of every step,
     and the greedy choices wherever the reference's margin between its two best logits exceeds
@@ -313,7 +303,7 @@ def decode_checks(report: Report, keys: tuple[str, ...], model: PaliGemma, x: di
     top2 = reference.topk(2, dim=-1).values  # [B, new_tokens, 2]
     decided = top2[..., 0] - top2[..., 1] > 2 * tolerance * reference.abs().max()  # [B, new_tokens]
     for path in ("flex", "compiled"):
-        attention, compiled = path_setup(path, device)
+        attention, compiled = PATHS[path]
         seen = []
         decode(set_attention(model, attention), *prompt, new_tokens, sampler=recording(seen, tokens),
                eos_id=NO_EOS, compile=compiled)
@@ -338,7 +328,7 @@ def check_config(report: Report, name: str, plan: Plan, device: torch.device) ->
         report.run_part("checks", keys + ("prefill",), lambda: prefill_checks(report, keys, typed, xd, TOLERANCE[dtype]))
         if dtype in plan.decode_checked:
             report.run_part("checks", keys + ("decode",),
-                            lambda: decode_checks(report, keys, typed, xd, case.new_tokens, TOLERANCE[dtype], device))
+                            lambda: decode_checks(report, keys, typed, xd, case.new_tokens, TOLERANCE[dtype]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +366,7 @@ def measure_path(report: Report, part: str, keys: tuple[str, ...], case: Case, m
     """Ours on one path of PATHS: prefill ms at batch 1 (if with_prefill) under
     keys + ("prefill_ms", "ours PATH"), then decode tokens/s at each batch under
     keys + ("decode", "ours PATH", "bB"), each recorded as it is measured."""
-    attention, compiled = path_setup(path, device)
+    attention, compiled = PATHS[path]
     runs = attention_implementation(set_attention(model, attention).config.text)  # "sdpa" may run eager
     label, runs_text = f"ours {path}", f"[{runs} attention] "
     if with_prefill:
