@@ -411,7 +411,7 @@ def transformers_options(device: torch.device, static: bool) -> dict:
     return options
 
 
-def transformers_rows(report: Report, case: Case, reference, ours: PaliGemma, device: torch.device, batch: int,
+def transformers_row(report: Report, case: Case, reference, ours: PaliGemma, device: torch.device, batch: int,
                       static: bool, bandwidth: float | None) -> None:
     """transformers' generate at one batch size, eager or with its compiled static cache."""
     x = make_inputs(case, batch, 0, device, seed=batch)
@@ -442,8 +442,8 @@ def speed_part(report: Report, plan: Plan, device: torch.device) -> None:
                                "build_s": time.perf_counter() - started},
                   f"{case.about}, {str(case.dtype).removeprefix('torch.')}: built in "
                   f"{time.perf_counter() - started:.0f} s")
-    bandwidth = device_figure(report, "copy_bandwidth_gb_s")
-    bandwidth = bandwidth and bandwidth * 1e9
+    gb_s = device_figure(report, "copy_bandwidth_gb_s")
+    bandwidth = None if gb_s is None else gb_s * 1e9  # bytes/s
     measure_path(report, "speed", (), case, ours, device, "eager", (), with_prefill=True)
     measure_path(report, "speed", (), case, ours, device, "flex", (), with_prefill=True)
     x = make_inputs(case, 1, 0, device)
@@ -459,9 +459,9 @@ def speed_part(report: Report, plan: Plan, device: torch.device) -> None:
     report.run_part("speed", ("prefill_ms", "transformers eager"), reference_prefill_row)
     for batch in plan.decode_batches:
         measure_path(report, "speed", (), case, ours, device, "eager", (batch,), False, bandwidth)
-        transformers_rows(report, case, reference, ours, device, batch, False, bandwidth)
+        transformers_row(report, case, reference, ours, device, batch, False, bandwidth)
         measure_path(report, "speed", (), case, ours, device, "compiled", (batch,), False, bandwidth)
-        transformers_rows(report, case, reference, ours, device, batch, True, bandwidth)
+        transformers_row(report, case, reference, ours, device, batch, True, bandwidth)
 
 
 # ---------------------------------------------------------------------------------------------
