@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -268,7 +269,9 @@ def test_two_processes_follow_the_single_process_trajectory(tokenizer, tmp_path,
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "single"], check=True, env=env, timeout=300)
-    port = {"ddp": "29533", "fsdp": "29534"}[mode]
+    with socket.socket() as probe:  # a port the OS says is free: a fixed one fails when two suites run at once
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                     str(script), str(tmp_path / "two"), mode], check=True, env=env, timeout=300)
     one = json.loads((tmp_path / "one" / "losses.json").read_text())
