@@ -15,8 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from minipaligemma import PaliGemma, get_config
 from minipaligemma.files import BadInput
 from minipaligemma.gemma import TiedEmbedding
-from minipaligemma.quantize import (NF4_LEVELS, QuantizedEmbedding, QuantizedLinear, load_quantized_state_dict,
-                                    pack_nibbles, quantize_model, quantized_state_dict, state_bytes, unpack_nibbles)
+from minipaligemma.quantize import (FUSED_ROWS, NF4_LEVELS, QuantizedEmbedding, QuantizedLinear, dense_is_fast,
+                                    load_quantized_state_dict, pack_nibbles, quantize_model, quantized_state_dict,
+                                    state_bytes, unpack_nibbles)
 
 # The NF4 data type as published with QLoRA (Dettmers et al. 2023, appendix E).
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -140,22 +141,37 @@ def test_error_falls_with_bits_and_group_size():
 # ---------------------------------------------------------------------------------------------
 # The CPU kernels against the reference path.
 
+FUSED_OPS = {"int8": "aten::_weight_int8pack_mm", "int4": "aten::_weight_int4pack_mm_for_cpu"}
+
+
+@pytest.mark.parametrize("rows", [6, 120])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme,group_size", [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)])
-def test_cpu_kernel_equals_reference(scheme, group_size, dtype):
-    """80 inputs (not a multiple of any group size: padded) and 4176 outputs (more than one
-    block of rows packed at a time), a bias, and inputs with two leading dimensions."""
-    float_layer = random_linear(4176, 80, bias=True, dtype=dtype)
+def test_cpu_kernel_equals_reference(scheme, group_size, dtype, rows):
+    """272 inputs (not a multiple of the larger group sizes: padded) and 4176 outputs (more than
+    one block of rows packed at a time, and two blocks of the dense path), a bias, and inputs
+    with two leading dimensions: 6 rows (a decode step: the fused kernel) and 120 (a prefill:
+    the dense path, where the dense product is fast in `dtype`), told apart by the profiler."""
+    float_layer = random_linear(4176, 272, bias=True, dtype=dtype)
     reference = QuantizedLinear.from_linear(float_layer, scheme, group_size)
     kernel = QuantizedLinear.from_linear(float_layer, scheme, group_size, kernel="cpu")
-    x = torch.randn(2, 3, 80).to(dtype)
-    with torch.no_grad():
-        want, got = reference(x), kernel(x)  # [2, 3, 4176]
+    x = torch.randn(2, rows // 2, 272).to(dtype)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        want, got = reference(x), kernel(x)  # [2, rows / 2, 4176]
+    fused = FUSED_OPS[scheme] in {event.name for event in profile.events()}
+    assert fused == (rows <= FUSED_ROWS[scheme] or not dense_is_fast(dtype))
     err, tail = rel_err(got, want), rel_err(got[..., 4096:], want[..., 4096:])
-    print(f"{scheme} group {group_size} {dtype}: cpu kernel vs reference relative error {err:.1e} (last rows {tail:.1e})")
+    print(f"{scheme} group {group_size} {dtype}, {rows} rows, {'fused' if fused else 'dense'}: "
+          f"cpu kernel vs reference relative error {err:.1e} (last rows {tail:.1e})")
     assert got.shape == want.shape and got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2
     assert err <= tolerance and tail <= tolerance
+
+
+def test_dense_is_fast_in_float32_and_where_onednn_has_bfloat16():
+    assert dense_is_fast(torch.float32)
+    assert dense_is_fast(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert not dense_is_fast(torch.float16)
 
 
 @pytest.mark.parametrize("scheme,group_size,out_features,message", [
