@@ -42,12 +42,13 @@ and has two paths, chosen by its `kernel` argument:
   The fused kernels win only for a few rows of input (a decode step), where reading the codes
   is the cost. For many rows (a prefill: 256 image tokens and the prompt) they do the
   arithmetic of a matrix product without the blocking and vector units of a real one, so this
-  path then dequantizes the weight a block of output rows at a time and runs the dense matrix
-  product on each block, where that product is fast in the input's dtype (float32 on every CPU;
-  bfloat16 where oneDNN has bfloat16 instructions: `dense_is_fast`). One block at a time keeps
-  the float copy small (2 MB) instead of a whole float weight; dequantizing costs about 0.3 ns
-  a weight for int8 and 1 to 2 ns for int4 (unpacking the nibbles), so a prefill on this path
-  still takes longer than one on float weights.
+  path then dequantizes the weight a block of output rows at a time and runs the CPU's dense
+  matrix product on each block, in the input's dtype where that product is fast and else in
+  float32 (`dense_dtype`: bfloat16 products are fast only where oneDNN has bfloat16
+  instructions). One block at a time keeps the float copy small (2 MB) instead of a whole
+  float weight; dequantizing costs about 0.3 ns a weight for int8 and 1 to 2 ns for int4
+  (unpacking the nibbles), so a prefill on this path still takes longer than one on float
+  weights.
 
 `quantize_model` swaps every linear layer of both towers and the projector, and the tied token
 table (input embedding and output layer at once, `QuantizedEmbedding`), for quantized ones;
@@ -76,10 +77,12 @@ KERNELS = ("reference", "cpu")
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes _weight_int4pack_mm_for_cpu takes
 QUANTIZE_ROWS = 4096  # rows quantized at a time, so the float32 temporaries of a 257152-row table stay small
 # Above this many rows of input the "cpu" path dequantizes and runs the dense product. Measured on
-# one 9216 x 2304 matrix with bfloat16 inputs, one thread, an AVX-512 CPU with bfloat16
-# instructions, fused kernel against dense path: int8 6.4 vs 9.6 ms at 8 rows, 12.5 vs 11.8 at
-# 16, 49 vs 21 at 64; int4 (groups of 64, slower to unpack) 37 vs 51 at 64, 54 vs 52 at 96,
-# 117 vs 88 at 192. At 272 rows a dense bfloat16 product alone took 61 ms.
+# one 9216 x 2304 matrix with bfloat16 inputs, one thread, fused kernel against dense path. An
+# AVX-512 CPU with bfloat16 instructions: int8 6.4 vs 9.6 ms at 8 rows, 12.5 vs 11.8 at 16, 49 vs
+# 21 at 64; int4 (groups of 64, slower to unpack) 37 vs 51 at 64, 54 vs 52 at 96, 117 vs 88 at 192;
+# a dense bfloat16 product alone took 61 ms at 272 rows. The same CPU under AVX2 kernels (the
+# dense product in float32): int8 36 vs 37 at 32, 78 vs 59 at 64, 309 vs 192 at 272; int4 75 vs
+# 77 at 64, 263 vs 254 at 272.
 FUSED_ROWS = {"int8": 16, "int4": 96}
 # Weights dequantized at a time on that path: a block of 2**20 (2 MB in bfloat16) stays in the
 # CPU's caches for its product; blocks of 2.4 and 9.4 million weights ran up to 1.7x slower.
@@ -296,12 +299,14 @@ class QuantizedLinear(nn.Module):
 
     def cpu_kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] through _weight_int8pack_mm or _weight_int4pack_mm_for_cpu,
-        or, for more than FUSED_ROWS rows where the dense product is fast, block by block."""
+        or, for more than FUSED_ROWS rows, block by block on the dense product."""
         rows = x.reshape(-1, self.in_features).contiguous()  # [M, in]
-        if rows.shape[0] > FUSED_ROWS[self.scheme] and dense_is_fast(rows.dtype):
+        if rows.shape[0] > FUSED_ROWS[self.scheme]:
+            dtype = dense_dtype(rows.dtype)
             step = max(1, BLOCK_WEIGHTS // self.in_features)  # output rows per block
             blocks = [slice(start, start + step) for start in range(0, self.out_features, step)]
-            y = torch.cat([F.linear(rows, self.dequantize(block)) for block in blocks], dim=-1)  # [M, out]
+            y = torch.cat([F.linear(rows.to(dtype), self.dequantize(block).to(dtype))
+                           for block in blocks], dim=-1).to(rows.dtype)  # [M, out]
         elif self.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scale)  # [M, out]
         else:
@@ -319,13 +324,13 @@ class QuantizedLinear(nn.Module):
                 f"{group}, kernel={self.kernel}, bias={self.bias is not None}")
 
 
-def dense_is_fast(dtype: torch.dtype) -> bool:
-    """Whether the CPU's dense matrix product is fast in `dtype`: float32 always; bfloat16 where
-    oneDNN runs it on bfloat16 instructions (it honours ONEDNN_MAX_CPU_ISA), else it is emulated
-    and slower than the fused kernels."""
-    if dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def dense_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which this CPU's dense matrix product is fast, for inputs of `dtype`: float32,
+    or bfloat16 itself where oneDNN runs it on bfloat16 instructions (it honours
+    ONEDNN_MAX_CPU_ISA); elsewhere a bfloat16 product is emulated, several times slower."""
+    if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 class QuantizedEmbedding(QuantizedLinear):
@@ -493,8 +498,9 @@ def fastest_kernel(scheme: str, group_size: int, device) -> str:
 # depth, one thread, the quantized layers on the fused kernels; README.md, "Quantization").
 # AVX2: one decoder MLP matrix times one token on a real AVX2 CPU, two threads.
 FASTEST_ON_CPU = {
-    "AVX512": (torch.bfloat16, "int4", "measured on an AVX-512 CPU with bfloat16 instructions, PaliGemma 2 "
-                                       "3B decode tokens/s: int4 2.9, int8 1.9, bfloat16 1.2, float32 0.9"),
+    "AVX512": (torch.bfloat16, "int4", "measured on two AVX-512 CPUs with bfloat16 instructions, PaliGemma 2 "
+                                       "3B decode tokens/s: int4 4.6, int8 2.7, bfloat16 1.5, float32 1.3 (AMD "
+                                       "EPYC); 2.9, 1.9, 1.2, 0.9 (Intel Xeon)"),
     "AVX2": (torch.float32, None, "measured on an AVX2 CPU, one 9216 x 2304 matrix times a token: float32 "
                                   "5.2 ms, int8 7.8, int4 7.9, bfloat16 8.7 (compute-bound there)"),
 }

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from minipaligemma import PaliGemma, get_config
 from minipaligemma.files import BadInput
 from minipaligemma.gemma import TiedEmbedding
-from minipaligemma.quantize import (FUSED_ROWS, NF4_LEVELS, QuantizedEmbedding, QuantizedLinear, dense_is_fast,
+from minipaligemma.quantize import (FUSED_ROWS, NF4_LEVELS, QuantizedEmbedding, QuantizedLinear, dense_dtype,
                                     load_quantized_state_dict, pack_nibbles, quantize_model, quantized_state_dict,
                                     state_bytes, unpack_nibbles)
 
@@ -151,7 +151,7 @@ def test_cpu_kernel_equals_reference(scheme, group_size, dtype, rows):
     """272 inputs (not a multiple of the larger group sizes: padded) and 4176 outputs (more than
     one block of rows packed at a time, and two blocks of the dense path), a bias, and inputs
     with two leading dimensions: 6 rows (a decode step: the fused kernel) and 120 (a prefill:
-    the dense path, where the dense product is fast in `dtype`), told apart by the profiler."""
+    the dense path), told apart by the profiler."""
     float_layer = random_linear(4176, 272, bias=True, dtype=dtype)
     reference = QuantizedLinear.from_linear(float_layer, scheme, group_size)
     kernel = QuantizedLinear.from_linear(float_layer, scheme, group_size, kernel="cpu")
@@ -159,7 +159,7 @@ def test_cpu_kernel_equals_reference(scheme, group_size, dtype, rows):
     with torch.no_grad(), torch.profiler.profile() as profile:
         want, got = reference(x), kernel(x)  # [2, rows / 2, 4176]
     fused = FUSED_OPS[scheme] in {event.name for event in profile.events()}
-    assert fused == (rows <= FUSED_ROWS[scheme] or not dense_is_fast(dtype))
+    assert fused == (rows <= FUSED_ROWS[scheme])
     err, tail = rel_err(got, want), rel_err(got[..., 4096:], want[..., 4096:])
     print(f"{scheme} group {group_size} {dtype}, {rows} rows, {'fused' if fused else 'dense'}: "
           f"cpu kernel vs reference relative error {err:.1e} (last rows {tail:.1e})")
@@ -168,10 +168,10 @@ def test_cpu_kernel_equals_reference(scheme, group_size, dtype, rows):
     assert err <= tolerance and tail <= tolerance
 
 
-def test_dense_is_fast_in_float32_and_where_onednn_has_bfloat16():
-    assert dense_is_fast(torch.float32)
-    assert dense_is_fast(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert not dense_is_fast(torch.float16)
+def test_dense_products_run_in_float32_or_in_bfloat16_where_onednn_has_it():
+    assert dense_dtype(torch.float32) == torch.float32 and dense_dtype(torch.float16) == torch.float32
+    fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert dense_dtype(torch.bfloat16) == (torch.bfloat16 if fast else torch.float32)
 
 
 @pytest.mark.parametrize("scheme,group_size,out_features,message", [

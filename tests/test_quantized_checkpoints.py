@@ -268,7 +268,7 @@ def test_generate_quantize_answers_as_the_python_api(folder, quantized, capsys):
 
 @pytest.mark.parametrize("capability,line,weights", [
     ("AVX2", "weights: float32, not quantized (measured on an AVX2 CPU", dict(dtype=torch.float32)),
-    ("AVX512", "weights: bfloat16, int4 (affine) in groups of 64 (measured on an AVX-512 CPU",
+    ("AVX512", "weights: bfloat16, int4 (affine) in groups of 64 (measured on two AVX-512 CPUs",
      dict(dtype=torch.bfloat16, quantize="int4", group_size=64, kernel="cpu")),
     ("DEFAULT", "weights: float32, not quantized (no measurement on a DEFAULT CPU", dict(dtype=torch.float32)),
 ])
