@@ -303,10 +303,11 @@ class QuantizedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).contiguous()  # [M, in]
         if rows.shape[0] > FUSED_ROWS[self.scheme]:
             dtype = dense_dtype(rows.dtype)
+            inputs = rows.to(dtype)  # [M, in], converted once for every block
             step = max(1, BLOCK_WEIGHTS // self.in_features)  # output rows per block
             blocks = [slice(start, start + step) for start in range(0, self.out_features, step)]
-            y = torch.cat([F.linear(rows.to(dtype), self.dequantize(block).to(dtype))
-                           for block in blocks], dim=-1).to(rows.dtype)  # [M, out]
+            y = torch.cat([F.linear(inputs, self.dequantize(block).to(dtype)) for block in blocks],
+                          dim=-1).to(rows.dtype)  # [M, out]
         elif self.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scale)  # [M, out]
         else:
