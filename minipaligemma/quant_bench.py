@@ -32,6 +32,9 @@ Design choices:
   B * bandwidth / bytes per step; "of floor" is the measured tokens/s over that.
 - Peak RSS is the process's resident-set peak over a variant's whole life (build, quantize,
   measure), read from Linux's VmHWM after resetting it.
+
+`held_out_quality` gives the other side of the trade: every held-out metric of a trained tiny
+run, in float32 and quantized.
 """
 
 import copy
@@ -40,17 +43,25 @@ import json
 import statistics
 import time
 from datetime import date
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .bench import Case, build_reference, log, machine, make_inputs
+from .checkpoint import load
 from .config import get_config
+from .data import World
+from .evaluate import evaluate
 from .generate import extend, greedy, new_cache, prefill
 from .measure import (TokenClock, copy_bandwidth, decode_step_bytes, peak_memory_mib, proc_kib, random_model,
                       take_turns, timed)
 from .paligemma import PaliGemma
 from .quantize import QuantizedLinear, in_words, quantize_model, state_bytes
+from .tasks import mask_to_target
+from .train import RECIPES
+from .vqvae import load_vqvae
 
 SIZES = {"3b": "paligemma2-3b-224", "tiny": "tiny"}
 GROUP_SIZE = 64  # int4 inputs per scale
@@ -298,3 +309,31 @@ def table(report: dict) -> str:
                                 percent("greedy_agree_float32")))
     lines.append("agree = share of batch-1 greedy tokens equal to ours in float32 (same weights)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality on a trained model.
+
+def held_out_quality(run, stage: int, schemes=("int8", "int4"), group_size: int = 64, recipe="tiny",
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """Every held-out metric of a trained run's stage, for its float32 model and for each
+    scheme quantized from it: {"float32": {task: metric}, "int8": {...}, ...}.
+
+    The evaluation is the trainer's (evaluate.py): the stage's model from `run`/stageN/model,
+    the world of `seed` and the run's VQ-VAE, the recipe's number of held-out scenes at the
+    model's resolution, so the float32 row is the stage's metrics.json. `recipe` is a name or
+    a train.Recipe. The quantized layers run the reference path.
+    """
+    run = Path(run)
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    model = load(run / f"stage{stage}" / "model", dtype=torch.float32)
+    vqvae = load_vqvae(run / "stage0" / "vqvae.safetensors")
+    world = World(seed, recipe.world, segment_target=partial(mask_to_target, vqvae=vqvae))
+    size = model.config.vision.image_size
+
+    def metrics(m: nn.Module) -> dict[str, float]:
+        return evaluate(m, model.tokenizer, world, size, recipe.eval_examples, vqvae)
+    results = {"float32": metrics(model)}
+    for scheme in schemes:
+        results[scheme] = metrics(quantize_model(copy.deepcopy(model), scheme, group_size))
+    return results

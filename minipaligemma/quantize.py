@@ -35,9 +35,9 @@ and has two paths, chosen by its `kernel` argument:
   (torch.ops.aten._weight_int8pack_mm, and _weight_int4pack_mm_for_cpu for affine int4; there
   is none for NF4). For inference only: they have no backward. The int4 kernel wants its codes
   in a layout of its own that depends on the CPU (AVX2 and AVX-512 interleave rows
-  differently), so that copy is built from the stored codes and never saved: for int4 this path
-  holds the codes twice in memory, though a forward pass reads only the kernel's copy. The
-  kernels are vectorised for bfloat16 inputs; with float32 inputs they run several times
+  differently), so this path repacks them into it when they are quantized or loaded, holds
+  them only so, and reads them back from it for everything else (see "The layout of torch's
+  int4 CPU kernel" below); checkpoints always hold the portable layout. The kernels are vectorised for bfloat16 inputs; with float32 inputs they run several times
   slower than a float32 matrix product.
   The fused kernels win only for a few rows of input (a decode step), where reading the codes
   is the cost. For many rows (a prefill: 256 image tokens and the prompt) they do the
@@ -61,9 +61,7 @@ where the CPU has wide enough vector instructions for them and compute-bound els
 reading more bytes of float32 is quicker than decoding fewer bytes of codes.
 """
 
-import copy
-from functools import partial
-from pathlib import Path
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -174,16 +172,92 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# The layout of torch's int4 CPU kernel.
+#
+# _weight_int4pack_mm_for_cpu reads its codes in a layout of its own, built by
+# _convert_weight_to_int4pack_for_cpu from one int32 code per weight [N, K]. The rows are cut
+# into blocks of R (a few times the CPU's vector width: 64 with AVX-512 kernels, 32 with AVX2
+# ones), stored one after the other, each as [K, R / 2] bytes: for every input k, the two nibbles
+# of a byte are two rows of the block. In a full block of a vectorised kernel they are rows j
+# and j + R / 2 ("halves", so that one vector shift separates two runs of rows); in a last block
+# of fewer rows, and without vector kernels, rows 2j and 2j + 1 ("pairs"). The int4 "cpu" path
+# keeps its codes only in this layout, so a layer holds them once; the state dict, and a
+# prefill's dense product, read them back through `kernel_layout_rows`.
+
+@cache
+def int4_kernel_layout() -> tuple[int, bool]:
+    """(R, halves) of the int4 kernel on this CPU (see above), read off two probes of the
+    packing op rather than guessed from the CPU's name."""
+    probe = torch.zeros(64, 2, dtype=torch.int32)  # 64 rows: one whole block of the widest layout
+    probe[1, 0] = 1  # row 1: byte 1's low nibble ("halves") or byte 0's high one ("pairs")
+    halves = int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1)[1]) == 1
+    probe[1, 0], probe[0, 1] = 0, 1  # input 1 of row 0: the first byte after the block's input 0
+    second_input = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).view(-1).nonzero()
+    return 2 * int(second_input[0]), halves
+
+
+def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Codes of pack_nibbles [N, K / 2] -> the same codes in the int4 kernel's layout [N, K / 2],
+    QUANTIZE_ROWS rows at a time (a multiple of R: the same bytes as packing the whole matrix,
+    without a 4-byte copy of every code)."""
+    out = torch.empty_like(packed)
+    for start in range(0, packed.shape[0], QUANTIZE_ROWS):
+        rows = slice(start, start + QUANTIZE_ROWS)
+        codes = unpack_nibbles(packed[rows]).to(torch.int32)  # [n, K], 0..15
+        out[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [n, K / 2]
+    return out
+
+
+def _unpack_blocks(data: torch.Tensor, in_features: int, halves: bool) -> torch.Tensor:
+    """Bytes of whole blocks [n, K, R / 2] -> their codes [n R, K] in row order."""
+    columns = data.transpose(1, 2).contiguous()  # [n, R/2, K]: byte column j holds two rows
+    low, high = columns & 15, columns >> 4  # [n, R/2, K] each
+    rows = torch.cat([low, high], dim=1) if halves else torch.stack([low, high], dim=2)  # rows j, j + R/2 or 2j, 2j + 1
+    return rows.reshape(-1, in_features)  # [n R, K]
+
+
+def kernel_layout_rows(packed: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Codes 0..15 [len(rows), K] of a weight in the int4 kernel's layout [N, K / 2], for a
+    slice of its rows: the blocks that hold them are unpacked, then the rows cut out."""
+    block, halves = int4_kernel_layout()
+    n, in_features = packed.shape[0], 2 * packed.shape[1]
+    start, stop, _ = rows.indices(n)
+    first, last, whole = start // block, -(-stop // block), n // block  # blocks [first, last); whole are full
+    parts = []  # a block of R rows takes R rows of `packed`, whatever order its bytes are in
+    if first < min(last, whole):
+        data = packed[first * block:min(last, whole) * block].view(-1, in_features, block // 2)  # [n, K, R/2]
+        parts.append(_unpack_blocks(data, in_features, halves))
+    if last > whole:  # the last block, of fewer than R rows: pairs
+        data = packed[whole * block:].view(1, in_features, -1)  # [1, K, rows/2]
+        parts.append(_unpack_blocks(data, in_features, halves=False))
+    return torch.cat(parts)[start - first * block:stop - first * block]  # [len(rows), K]
+
+
+def kernel_layout_row(packed: torch.Tensor, row: int) -> torch.Tensor:
+    """Codes 0..15 [K] of one row of a weight in the int4 kernel's layout [N, K / 2]: one
+    nibble of one byte column of its block, read without unpacking the block."""
+    block, halves = int4_kernel_layout()
+    n, in_features = packed.shape[0], 2 * packed.shape[1]
+    whole = n // block
+    b, r = divmod(row, block)
+    size = block if b < whole else n - whole * block  # rows in this block
+    column, high = (r % (size // 2), r // (size // 2)) if halves and b < whole else (r // 2, r % 2)
+    data = packed[b * block:b * block + size].view(in_features, size // 2)  # the block's bytes [K, rows/2]
+    return (data[:, column] >> 4 * high) & 15  # [K]
+
+
+# ---------------------------------------------------------------------------------------------
 # The modules.
 
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W [out, in] stored quantized (see the module docstring).
 
     Buffers: `codes` (int8 [out, in] for int8; for int4 and nf4 two 4-bit codes a byte, uint8
-    [out, padded_in / 2]), `scale` ([out] for int8, [out, groups] otherwise, in the model's
-    float dtype) and, for affine int4, `zero` (uint8 [out, groups]). `bias` stays a float
-    parameter. Built empty here (a skeleton to load a quantized state dict into); `from_linear`
-    quantizes a float layer.
+    [out, padded_in / 2], in pack_nibbles' layout, or in the int4 kernel's on the "cpu" path),
+    `scale` ([out] for int8, [out, groups] otherwise, in the model's float dtype) and, for
+    affine int4, `zero` (uint8 [out, groups]). `bias` stays a float parameter. The state dict
+    always holds the codes in pack_nibbles' layout. Built empty here (a skeleton to load a
+    quantized state dict into); `from_linear` quantizes a float layer.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int = 64,
@@ -210,13 +284,14 @@ class QuantizedLinear(nn.Module):
         if scheme == "int4":
             self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        if kernel == "cpu" and scheme == "int4":
-            # The int4 kernel's own copy of the codes, and its scales and offsets (see
-            # pack_for_cpu_kernel), rebuilt whenever a state dict is loaded into the stored codes.
-            self.register_buffer("kernel_codes", torch.zeros_like(self.codes), persistent=False)
+        self.kernel_layout = kernel == "cpu" and scheme == "int4"  # codes in the int4 kernel's layout
+        if self.kernel_layout:
+            # The kernel's table of scales and offsets (see pack_for_cpu_kernel). A state dict
+            # loads codes in pack_nibbles' layout, which are then repacked; one is written in it.
             self.register_buffer("kernel_scale_offset", torch.zeros(groups, out_features, 2, dtype=dtype, device=device),
                                  persistent=False)
             self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.pack_for_cpu_kernel())
+            self.register_state_dict_post_hook(_codes_in_pack_nibbles_layout)
 
     def check_cpu_kernel(self):
         """Raise if torch's CPU kernels cannot run this layer."""
@@ -253,22 +328,32 @@ class QuantizedLinear(nn.Module):
             else:
                 codes, self.scale[rows] = quantize_nf4(weight[rows], self.group_size, dtype)
             self.codes[rows] = pack_nibbles(codes.flatten(1))  # [n, padded_in / 2]
-        if self.kernel == "cpu" and self.scheme == "int4":
+        if self.kernel_layout:
             self.pack_for_cpu_kernel()
 
     def dequantize(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """The float weight [out, in] that the codes stand for, in the scales' dtype; with `rows`
         (integer ids of any shape [...], or a slice), only those rows: [..., in]."""
-        codes, scale = (self.codes, self.scale) if rows is None else (self.codes[rows], self.scale[rows])
+        scale = self.scale if rows is None else self.scale[rows]
         if self.scheme == "int8":
+            codes = self.codes if rows is None else self.codes[rows]
             return codes.to(scale.dtype) * scale[..., None]  # [..., in]
-        groups = unpack_nibbles(codes).unflatten(-1, (-1, self.group_size))  # [..., g, G], codes 0..15
+        groups = self.nibbles(rows).unflatten(-1, (-1, self.group_size))  # [..., g, G], codes 0..15
         if self.scheme == "int4":
             zero = self.zero if rows is None else self.zero[rows]  # [..., g]
             weight = (groups.to(scale.dtype) - zero.to(scale.dtype)[..., None]) * scale[..., None]  # [..., g, G]
         else:
             weight = NF4_LEVELS.to(scale.device, scale.dtype)[groups.int()] * scale[..., None]  # [..., g, G]
         return weight.flatten(-2)[..., :self.in_features]  # [..., in]: the padding cut off
+
+    def nibbles(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """The 4-bit codes 0..15 [..., padded_in] of every row, or of `rows`, in either layout."""
+        if not self.kernel_layout:
+            return unpack_nibbles(self.codes if rows is None else self.codes[rows])  # [..., padded_in]
+        if rows is None or isinstance(rows, slice):
+            return kernel_layout_rows(self.codes, rows or slice(None))  # [n, padded_in]
+        picked = [kernel_layout_row(self.codes, i) for i in rows.flatten().tolist()]
+        return torch.stack(picked).view(*rows.shape, self.padded_in)  # [..., padded_in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
@@ -280,19 +365,13 @@ class QuantizedLinear(nn.Module):
 
     @torch.no_grad()
     def pack_for_cpu_kernel(self):
-        """Fill the int4 kernel's copy of the codes and its table of scales and offsets.
-
-        The kernel takes one code per int32 and interleaves rows in blocks of 32 (AVX2) or 64
-        (AVX-512); packing QUANTIZE_ROWS rows at a time (a multiple of both) gives the same
-        bytes as packing the whole matrix, without a 4-byte copy of every code. The kernel
-        computes W = (q - 8) * scale + offset per group, so a group's offset is (8 - zero) *
-        scale: the W of (q - zero) * scale, up to rounding.
+        """Repack the stored codes, just quantized or loaded in pack_nibbles' layout, into the
+        int4 kernel's layout (in place of them: the layer holds its codes once), and fill the
+        kernel's table of scales and offsets. The kernel computes W = (q - 8) * scale + offset
+        per group, so a group's offset is (8 - zero) * scale: the W of (q - zero) * scale, up
+        to rounding.
         """
-        self.kernel_codes = torch.empty_like(self.codes)  # new buffers, on the device of the codes
-        for start in range(0, self.out_features, QUANTIZE_ROWS):
-            rows = slice(start, start + QUANTIZE_ROWS)
-            codes = unpack_nibbles(self.codes[rows]).to(torch.int32)  # [n, padded_in], 0..15
-            self.kernel_codes[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [n, padded_in / 2]
+        self.codes = to_kernel_layout(self.codes)  # a new buffer, on the device of the codes
         offset = (8 - self.zero.float()) * self.scale.float()  # [out, g]
         table = torch.stack([self.scale, offset.to(self.scale.dtype)], dim=-1)  # [out, g, 2]
         self.kernel_scale_offset = table.transpose(0, 1).contiguous()  # [g, out, 2]
@@ -304,7 +383,7 @@ class QuantizedLinear(nn.Module):
         if rows.shape[0] > FUSED_ROWS[self.scheme]:
             dtype = dense_dtype(rows.dtype)
             inputs = rows.to(dtype)  # [M, in], converted once for every block
-            step = max(1, BLOCK_WEIGHTS // self.in_features)  # output rows per block
+            step = max(64, BLOCK_WEIGHTS // self.in_features // 64 * 64)  # output rows per block: whole blocks of R
             blocks = [slice(start, start + step) for start in range(0, self.out_features, step)]
             y = torch.cat([F.linear(inputs, self.dequantize(block).to(dtype)) for block in blocks],
                           dim=-1).to(rows.dtype)  # [M, out]
@@ -313,7 +392,7 @@ class QuantizedLinear(nn.Module):
         else:
             if self.padded_in != self.in_features:
                 rows = F.pad(rows, (0, self.padded_in - self.in_features))  # [M, padded_in]; padding weighs 0
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.kernel_codes, self.group_size,
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.codes, self.group_size,
                                                             self.kernel_scale_offset)  # [M, out]
         if self.bias is not None:
             y = y + self.bias
@@ -323,6 +402,12 @@ class QuantizedLinear(nn.Module):
         group = "" if self.scheme == "int8" else f", group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
                 f"{group}, kernel={self.kernel}, bias={self.bias is not None}")
+
+
+def _codes_in_pack_nibbles_layout(module: QuantizedLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A state-dict hook of the int4 "cpu" path: its codes are written in pack_nibbles' layout,
+    the same bytes whatever CPU wrote them."""
+    state_dict[prefix + "codes"] = pack_nibbles(kernel_layout_rows(module.codes, slice(None)))
 
 
 def dense_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -411,8 +496,13 @@ def in_words(scheme: str, group_size: int | None) -> str:
 
 
 def state_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state dict: what a checkpoint of it holds (kernel copies excluded)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of the model's state dict: what a checkpoint of it holds (the int4 kernel's table
+    of scales and offsets excluded). Counted on the model's own tensors, without building the
+    state dict, which on the int4 "cpu" path repacks every code (the same bytes either way)."""
+    tensors = list(model.parameters()) + [buffer for module in model.modules()
+                                          for name, buffer in module.named_buffers(recurse=False)
+                                          if name not in module._non_persistent_buffers_set]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -449,42 +539,6 @@ def load_quantized_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
-# Quality on a trained model.
-
-def held_out_quality(run, stage: int, schemes=("int8", "int4"), group_size: int = 64, recipe="tiny",
-                     seed: int = 0) -> dict[str, dict[str, float]]:
-    """Every held-out metric of a trained run's stage, for its float32 model and for each
-    scheme quantized from it: {"float32": {task: metric}, "int8": {...}, ...}.
-
-    The evaluation is the trainer's (evaluate.py): the stage's model from `run`/stageN/model,
-    the world of `seed` and the run's VQ-VAE, the recipe's number of held-out scenes at the
-    model's resolution, so the float32 row is the stage's metrics.json. `recipe` is a name or
-    a train.Recipe. The quantized layers run the reference path.
-    """
-    # These modules import this one (through checkpoint.py), so they are imported when needed.
-    from .checkpoint import load
-    from .data import World
-    from .evaluate import evaluate
-    from .tasks import mask_to_target
-    from .train import RECIPES
-    from .vqvae import load_vqvae
-
-    run = Path(run)
-    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    model = load(run / f"stage{stage}" / "model", dtype=torch.float32)
-    vqvae = load_vqvae(run / "stage0" / "vqvae.safetensors")
-    world = World(seed, recipe.world, segment_target=partial(mask_to_target, vqvae=vqvae))
-    size = model.config.vision.image_size
-
-    def metrics(m: nn.Module) -> dict[str, float]:
-        return evaluate(m, model.tokenizer, world, size, recipe.eval_examples, vqvae)
-    results = {"float32": metrics(model)}
-    for scheme in schemes:
-        results[scheme] = metrics(quantize_model(copy.deepcopy(model), scheme, group_size))
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
 # Which weights are fastest.
 
 def fastest_kernel(scheme: str, group_size: int, device) -> str:
@@ -510,7 +564,8 @@ FASTEST_ON_CPU = {
 def fastest_weights(device) -> tuple[torch.dtype, str | None, str]:
     """(dtype, quantization scheme or None, why) that decode fastest on `device`: on a CPU the
     measured choice for its kind (FASTEST_ON_CPU, by the vector instructions torch's kernels
-    use there); float32, unquantized, for anything not measured. Quantized weights come in
+    use there, and bfloat16 ones for the AVX-512 choice); float32, unquantized, for anything
+    not measured. Quantized weights come in
     groups of 64 (int4)."""
     device = torch.device(device)
     if device.type != "cpu":
@@ -519,4 +574,7 @@ def fastest_weights(device) -> tuple[torch.dtype, str | None, str]:
     if capability not in FASTEST_ON_CPU:
         return torch.float32, None, f"no measurement on a {capability} CPU; float32 is the reference"
     dtype, scheme, why = FASTEST_ON_CPU[capability]
+    if dense_dtype(dtype) != dtype:  # an AVX-512 CPU without bfloat16 instructions: never measured
+        return torch.float32, None, f"no measurement on a {capability} CPU without bfloat16 instructions; " \
+                                    "float32 is the reference"
     return dtype, scheme, why

@@ -4,6 +4,9 @@ and its quality on random weights at full width. Errors measured are printed (py
 """
 
 import copy
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -168,6 +171,49 @@ def test_cpu_kernel_equals_reference(scheme, group_size, dtype, rows):
     assert err <= tolerance and tail <= tolerance
 
 
+# Run in a fresh process, since torch picks its CPU kernels when it starts.
+LAYOUT_CHECK = """
+import torch
+from minipaligemma.quantize import int4_kernel_layout, kernel_layout_row, kernel_layout_rows, pack_nibbles, to_kernel_layout
+gen = torch.Generator().manual_seed(0)
+for n in (16, 48, 64, 80, 4176):
+    codes = torch.randint(0, 16, (n, 96), dtype=torch.uint8, generator=gen)
+    packed = to_kernel_layout(pack_nibbles(codes))
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)), n
+    for a, b in ((0, n), (0, 1), (5, 9), (n // 3, n - 1), (n - 3, n)):
+        assert torch.equal(kernel_layout_rows(packed, slice(a, b)), codes[a:b]), (n, a, b)
+    assert all(torch.equal(kernel_layout_row(packed, i), codes[i]) for i in range(n)), n
+print(torch.backends.cpu.get_cpu_capability(), *int4_kernel_layout())
+"""
+
+
+@pytest.mark.parametrize("capability,layout", [(None, None), ("avx2", "32 True"), ("default", "32 False")])
+def test_the_int4_kernel_layout_is_read_back_exactly(capability, layout):
+    """to_kernel_layout gives the bytes of torch's packing op on the whole matrix, and
+    kernel_layout_rows and kernel_layout_row read every code back: whole blocks, a last block
+    of fewer rows (80 = 64 + 16; 4176 = 65 x 64 + 16), slices that cut blocks. Under the CPU's
+    own kernels, AVX2 ones (blocks of 32 rows in halves) and unvectorised ones (pairs)."""
+    env = {key: value for key, value in os.environ.items() if key != "ATEN_CPU_CAPABILITY"}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    done = subprocess.run([sys.executable, "-c", LAYOUT_CHECK], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    if layout:  # the probe found the layout torch's source describes for these kernels
+        assert done.stdout.split()[1:] == layout.split()
+
+
+def test_the_int4_cpu_path_holds_its_codes_once():
+    """Its codes are torch's packing of the reference layer's, held once (no second copy in
+    another layout), and its state dict gives back the reference layer's codes."""
+    float_layer = random_linear(4176, 272)
+    reference = QuantizedLinear.from_linear(float_layer, "int4", 64)
+    kernel = QuantizedLinear.from_linear(float_layer, "int4", 64, kernel="cpu")
+    assert torch.equal(kernel.codes, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_of(reference).int(), 1))
+    held = {name: b.numel() * b.element_size() for name, b in kernel.named_buffers()}
+    assert held == {"codes": 4176 * 320 // 2, "scale": 4176 * 5 * 4, "zero": 4176 * 5, "kernel_scale_offset": 4176 * 5 * 8}
+    assert all(torch.equal(kernel.state_dict()[key], t) for key, t in reference.state_dict().items())
+
+
 def test_dense_products_run_in_float32_or_in_bfloat16_where_onednn_has_it():
     assert dense_dtype(torch.float32) == torch.float32 and dense_dtype(torch.float16) == torch.float32
     fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -238,12 +284,15 @@ def test_state_bytes_of_quantized_layers():
     assert state_bytes(QuantizedLinear.from_linear(layer, "int8")) == 96 * 80 + 96 * 4 + 96 * 4
     assert state_bytes(QuantizedLinear.from_linear(layer, "int4", 32)) == 96 * 48 + 96 * 3 * 4 + 96 * 3 + 96 * 4
     assert state_bytes(QuantizedLinear.from_linear(layer, "nf4", 32)) == 96 * 48 + 96 * 3 * 4 + 96 * 4
-    # The CPU kernel's copy is not part of the state.
+    # The CPU kernel's table is not part of the state, and its codes take the same bytes.
     assert state_bytes(QuantizedLinear.from_linear(layer, "int4", 32, kernel="cpu")) == 96 * 48 + 96 * 3 * 4 + 96 * 3 + 96 * 4
+    model = quantize_model(tiny_model(), "int4", 32, kernel="cpu")  # counted without the state dict: the same
+    assert state_bytes(model) == sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 class LargestOutput(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns."""
+    """Records the largest number of elements of any new tensor an op returns (views, which
+    share their input's memory, are not counted)."""
 
     def __init__(self):
         super().__init__()
@@ -251,6 +300,8 @@ class LargestOutput(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if any(ret.alias_info is not None for ret in func._schema.returns):
+            return out
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
@@ -311,11 +362,14 @@ def test_a_quantized_model_backpropagates():
                                                       ("int4", 32, "cpu"), ("nf4", 64, "reference")])
 def test_state_dict_round_trip(scheme, group_size, kernel, tmp_path):
     """Quantize, save through safetensors, load into a fresh quantized model made from other
-    weights: identical logits (with the CPU kernel, its copy is rebuilt from the loaded codes)."""
+    weights: identical logits. The CPU path saves the reference path's tensors (int4: its codes
+    in the portable layout, repacked for the kernel when loaded)."""
     pixels, ids, mask_ar = tiny_inputs()
     model = quantize_model(tiny_model(seed=0), scheme, group_size, kernel=kernel)
     tensors = quantized_state_dict(model)
     assert not any(key.startswith("kernel") or ".kernel" in key for key in tensors)
+    portable = quantized_state_dict(quantize_model(tiny_model(seed=0), scheme, group_size))  # reference path
+    assert tensors.keys() == portable.keys() and all(torch.equal(tensors[k], portable[k]) for k in tensors)
     save_file(tensors, tmp_path / "quantized.safetensors")
     fresh = quantize_model(tiny_model(seed=1), scheme, group_size, kernel=kernel)
     with torch.no_grad():

@@ -25,7 +25,8 @@ from minipaligemma.evaluate import METRIC_NAMES
 from minipaligemma.files import BadInput
 from minipaligemma.generate import generate
 from minipaligemma.gemma import TiedEmbedding
-from minipaligemma.quantize import QuantizedLinear, fastest_weights, held_out_quality, quantize_model
+from minipaligemma.quant_bench import held_out_quality
+from minipaligemma.quantize import QuantizedLinear, fastest_weights, quantize_model
 from minipaligemma.train import RECIPES, Trainer, paligemma_batch, paligemma_step_loss, world_examples
 from tiny_weights import tiny_weights_folder
 
@@ -292,9 +293,12 @@ def test_generate_on_a_quantized_checkpoint_says_what_it_runs(folder, quantized,
 
 
 def test_fastest_weights_follow_the_measured_table(monkeypatch):
-    for capability, want in [("AVX2", (torch.float32, None)), ("AVX512", (torch.bfloat16, "int4")),
-                             ("ZVECTOR", (torch.float32, None))]:
+    """AVX-512 with bfloat16 instructions: int4 in bfloat16; without them (never measured), AVX2
+    or anything else: float32."""
+    for capability, bf16, want in [("AVX2", True, (torch.float32, None)), ("AVX512", True, (torch.bfloat16, "int4")),
+                                   ("AVX512", False, (torch.float32, None)), ("ZVECTOR", False, (torch.float32, None))]:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16)
         assert fastest_weights("cpu")[:2] == want
     assert fastest_weights(torch.device("cuda"))[:2] == (torch.float32, None)
 
