@@ -12,7 +12,8 @@ run, so that a GPU lent for a few minutes yields every figure at once.
    FLOP/s of a large matrix product in the training dtype (measure.matmul_flops), the
    denominators of MBU and MFU, measured rather than read off a datasheet.
 2. Checks, on random weights (measure.random_model), for the tiny and the full-width configs
-   (bench.cases), each in float32 and in bfloat16 (on a CPU: decoding in float32 only):
+   (bench.cases) and, prefill only, PaliGemma 1 at toy width ("tiny-gemma1": no soft-caps,
+   multi-query attention), each in float32 and in bfloat16 (on a CPU: decoding in float32 only):
      prefill  the logits of a padded batch (a prompt, then a causal suffix; one row ends in
               padding): "flex" attention against "eager"; and "sdpa" against "eager" on the same
               weights with the attention soft-cap off, because sdpa cannot soft-cap (with the cap
@@ -77,6 +78,7 @@ from pathlib import Path
 import torch
 
 from .bench import NO_EOS, Case, build_pair, cases, machine, make_inputs
+from .config import get_config
 from .files import BadInput, atomic_write
 from .gemma import attention_implementation
 from .generate import decode, greedy, new_cache, prefill
@@ -99,8 +101,9 @@ OUT = Path("runs/gpu-bench")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 # torch compiles flex_attention and the decode step once per shape (dynamic=False) and, past
 # torch._dynamo.config.recompile_limit shapes of one function (8), warns and runs it uncompiled:
-# the speed measured would silently be another path's. `--config gpu` compiles 16 shapes of
-# flex_attention on a GPU (3 per check config and dtype, 4 for the 3B), `--config attention` 10.
+# the speed measured would silently be another path's. `--config gpu` compiles 18 shapes of
+# flex_attention on a GPU (3 per check config and dtype, 1 per dtype for PaliGemma 1's prefill,
+# 4 for the 3B), `--config attention` 10.
 RECOMPILE_LIMIT = 32
 
 
@@ -108,8 +111,9 @@ RECOMPILE_LIMIT = 32
 class Plan:
     """What `--config gpu` measures on one device type."""
 
-    checks: tuple[str, ...]  # bench.cases checked, each in float32 and bfloat16
+    checks: tuple[str, ...]  # check_cases checked, each in float32 and bfloat16
     decode_checked: tuple[torch.dtype, ...]  # the dtypes whose decoding is checked too
+    prefill_only: tuple[str, ...]  # the checks whose decoding is not checked
     speed: str  # the bench case whose speed is measured
     decode_batches: tuple[int, ...]
     train: str  # the bench case of the full fine-tuning step
@@ -122,15 +126,18 @@ class Plan:
 
 PLANS = {
     # 240 s in all: the ends leave 25 s for the measurement in flight and the report. Guessed
-    # from compile times on a CPU (the checks compile 4 decode steps and 12 flex kernels, the
-    # compiled decode one step per batch size), not yet measured on a GPU.
-    "cuda": Plan(checks=("tiny", "full-width"), decode_checked=(torch.float32, torch.bfloat16), speed="3b-bf16", decode_batches=(1, 8, 32), train="small",
+    # from compile times on a CPU (the checks compile 4 decode steps and 14 flex kernels, the
+    # compiled decode one step per batch size), not yet measured on a GPU. PaliGemma 1 comes
+    # last, so that it spends what time the checks have left and never costs PaliGemma 2's.
+    "cuda": Plan(checks=("tiny", "full-width", "tiny-gemma1"), decode_checked=(torch.float32, torch.bfloat16),
+                 prefill_only=("tiny-gemma1",), speed="3b-bf16", decode_batches=(1, 8, 32), train="small",
                  train_batches=(128, 64, 32), lora_batches=(64, 32, 16, 8), matmul_dtype=torch.bfloat16,
                  matmul_size=8192, ends_s={"checks": 70, "speed": 170, "train": 215}),
     # About a minute on one core: decoding checked in float32 only (each dtype compiles a decode
     # step and two flex kernels, 40 s on one core), and the decode batch is the checks'
     # (CHECK_BATCH), so the decode measured reuses the step they compiled. No time limit.
-    "cpu": Plan(checks=("tiny",), decode_checked=(torch.float32,), speed="tiny", decode_batches=(2,), train="tiny", train_batches=(8,),
+    "cpu": Plan(checks=("tiny", "tiny-gemma1"), decode_checked=(torch.float32,), prefill_only=("tiny-gemma1",),
+                speed="tiny", decode_batches=(2,), train="tiny", train_batches=(8,),
                 lora_batches=(8,), matmul_dtype=torch.float32, matmul_size=1024, ends_s=None),
 }
 CHECK_BATCH, SUFFIX, PADDING = 2, 4, 3  # the checks' padded batch (`padded_batch`)
@@ -320,10 +327,18 @@ def decode_checks(report: Report, keys: tuple[str, ...], model: PaliGemma, x: di
     set_attention(model, "eager")
 
 
+def check_cases(device: torch.device) -> dict[str, Case]:
+    """What the checks may run: bench.cases, and PaliGemma 1 at toy width, which the bench does
+    not time but whose decoder (no soft-caps, multi-query attention) the checks should cover."""
+    gemma1 = Case("every PaliGemma 1 mechanism at toy width, 2 layers per tower", get_config("tiny-gemma1"),
+                  torch.float32)
+    return {**cases(device), "tiny-gemma1": gemma1}
+
+
 def check_config(report: Report, name: str, plan: Plan, device: torch.device) -> None:
-    """Every check of bench case `name`, in float32 and then bfloat16 (the same weights, rounded);
-    the decoding ones in the plan's `decode_checked` dtypes."""
-    case = cases(device)[name]
+    """Every check of check case `name`, in float32 and then bfloat16 (the same weights, rounded);
+    the decoding ones in the plan's `decode_checked` dtypes, unless the plan checks its prefill only."""
+    case = check_cases(device)[name]
     model = random_model(case.model, torch.float32, device).eval()
     x = padded_batch(case, device)
     for dtype in (torch.float32, torch.bfloat16):
@@ -331,7 +346,7 @@ def check_config(report: Report, name: str, plan: Plan, device: torch.device) ->
         typed = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         xd = {**x, "pixel_values": x["pixel_values"].to(dtype)}
         report.run_part("checks", keys + ("prefill",), lambda: prefill_checks(report, keys, typed, xd, TOLERANCE[dtype]))
-        if dtype in plan.decode_checked:
+        if dtype in plan.decode_checked and name not in plan.prefill_only:
             report.run_part("checks", keys + ("decode",),
                             lambda: decode_checks(report, keys, typed, xd, case.new_tokens, TOLERANCE[dtype]))
 

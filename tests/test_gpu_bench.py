@@ -40,16 +40,17 @@ def test_the_gpu_check_runs_on_a_cpu_at_tiny_sizes(capsys, tmp_path, monkeypatch
     rows = lines[:table_start]
     assert all(line.startswith("[") for line in rows)
     firsts = [next(i for i, line in enumerate(rows) if f"] {part}" in line)
-              for part in ("device", "checks / tiny float32", "prefill_ms / ours eager", "decode / ours compiled",
-                           "train / tiny lora")]
+              for part in ("device", "checks / tiny float32", "checks / tiny-gemma1 float32", "prefill_ms / ours eager",
+                           "decode / ours compiled", "train / tiny lora")]
     assert firsts == sorted(firsts)
 
     assert positive(report["device"]["copy_bandwidth_gb_s"]) and positive(report["device"]["matmul_tflops"])
-    for dtype, names in (("float32", CHECKS), ("bfloat16", CHECKS[:2])):  # on a CPU decoding in float32 only
-        checks = report["checks"][f"tiny {dtype}"]
-        assert list(checks) == names
+    expected = {"tiny float32": CHECKS, "tiny bfloat16": CHECKS[:2],  # on a CPU decoding in float32 only
+                "tiny-gemma1 float32": CHECKS[:2], "tiny-gemma1 bfloat16": CHECKS[:2]}  # PaliGemma 1: prefill only
+    assert {group: list(checks) for group, checks in report["checks"].items()} == expected
+    for group, checks in report["checks"].items():
         for name, check in checks.items():
-            assert check["passed"] and 0 <= check["error"] <= check["tolerance"], (dtype, name)
+            assert check["passed"] and 0 <= check["error"] <= check["tolerance"], (group, name)
     for who in ("ours eager", "ours flex", "transformers eager"):
         assert positive(report["prefill_ms"][who]["ms"]), who
     decode = report["decode"]
