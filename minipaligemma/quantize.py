@@ -37,8 +37,9 @@ and has two paths, chosen by its `kernel` argument:
   in a layout of its own that depends on the CPU (AVX2 and AVX-512 interleave rows
   differently), so this path repacks them into it when they are quantized or loaded, holds
   them only so, and reads them back from it for everything else (see "The layout of torch's
-  int4 CPU kernel" below); checkpoints always hold the portable layout. The kernels are vectorised for bfloat16 inputs; with float32 inputs they run several times
-  slower than a float32 matrix product.
+  int4 CPU kernel" below); checkpoints always hold the portable layout. The kernels are
+  vectorised for bfloat16 inputs; with float32 inputs they run several times slower than a
+  float32 matrix product.
   The fused kernels win only for a few rows of input (a decode step), where reading the codes
   is the cost. For many rows (a prefill: 256 image tokens and the prompt) they do the
   arithmetic of a matrix product without the blocking and vector units of a real one, so this
@@ -181,8 +182,9 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 # of a byte are two rows of the block. In a full block of a vectorised kernel they are rows j
 # and j + R / 2 ("halves", so that one vector shift separates two runs of rows); in a last block
 # of fewer rows, and without vector kernels, rows 2j and 2j + 1 ("pairs"). The int4 "cpu" path
-# keeps its codes only in this layout, so a layer holds them once; the state dict, and a
-# prefill's dense product, read them back through `kernel_layout_rows`.
+# keeps its codes only in this layout, so a layer holds them once; the state dict and a
+# prefill's dense product read them back through `kernel_layout_rows`, an embedding lookup
+# through `kernel_layout_row`.
 
 @cache
 def int4_kernel_layout() -> tuple[int, bool]:
@@ -565,8 +567,7 @@ def fastest_weights(device) -> tuple[torch.dtype, str | None, str]:
     """(dtype, quantization scheme or None, why) that decode fastest on `device`: on a CPU the
     measured choice for its kind (FASTEST_ON_CPU, by the vector instructions torch's kernels
     use there, and bfloat16 ones for the AVX-512 choice); float32, unquantized, for anything
-    not measured. Quantized weights come in
-    groups of 64 (int4)."""
+    not measured. Quantized weights come in groups of 64 (int4)."""
     device = torch.device(device)
     if device.type != "cpu":
         return torch.float32, None, f"no measurement on {device.type} devices; float32 is the reference"
